@@ -1,0 +1,31 @@
+# mesh tasks; `just --list` shows them.
+
+venv := ".venv"
+py := venv / "bin/python"
+
+# Create the virtualenv and install mesh with its dev tools.
+setup:
+    test -x {{py}} || python3 -m venv {{venv}}
+    {{py}} -m pip install -q --upgrade pip
+    {{py}} -m pip install -q -e '.[dev]'
+
+# The scripted tour: embedded NATS, services, two workers.
+demo:
+    {{venv}}/bin/mesh demo
+
+# Run the test suite against real nats-server processes.
+test *ARGS:
+    {{py}} -m pytest {{ARGS}}
+
+# What CI checks besides tests.
+lint:
+    {{venv}}/bin/ruff check mesh workers tests bench
+    {{venv}}/bin/ruff format --check mesh workers tests bench
+    {{venv}}/bin/mypy mesh
+
+# Request/reply through mesh against raw NATS, in one run.
+bench *ARGS:
+    {{venv}}/bin/mesh bench {{ARGS}}
+
+# Everything CI runs.
+check: lint test

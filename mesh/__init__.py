@@ -1,0 +1,68 @@
+"""mesh: a distributed agent runtime on NATS and JetStream."""
+
+__version__ = "0.1.0"
+
+from mesh.agent import Agent, AgentDefinitionError, MessageContext, handler
+from mesh.client import MeshClient
+from mesh.codec import JSON, MSGPACK
+from mesh.config import ConnectConfig, GatewayConfig, RegistryConfig, WorkerConfig
+from mesh.errors import (
+    AgentTypeNotFoundError,
+    BadRequestError,
+    ConflictError,
+    DeadlineExceededError,
+    DecodeError,
+    ErrorCode,
+    ForbiddenError,
+    HandlerError,
+    InvalidIdError,
+    MeshConnectionError,
+    MeshError,
+    NoWorkerAvailableError,
+    PayloadTooLargeError,
+    RateLimitedError,
+    UnauthorizedError,
+    UnknownMessageTypeError,
+    WorkerNotRegisteredError,
+)
+from mesh.ids import AgentId, TopicId
+from mesh.server import NatsServer
+from mesh.subjects import Subjects
+from mesh.worker import Worker
+
+__all__ = [
+    "JSON",
+    "MSGPACK",
+    "Agent",
+    "AgentDefinitionError",
+    "AgentId",
+    "AgentTypeNotFoundError",
+    "BadRequestError",
+    "ConflictError",
+    "ConnectConfig",
+    "DeadlineExceededError",
+    "DecodeError",
+    "ErrorCode",
+    "ForbiddenError",
+    "GatewayConfig",
+    "HandlerError",
+    "InvalidIdError",
+    "MeshClient",
+    "MeshConnectionError",
+    "MeshError",
+    "MessageContext",
+    "NatsServer",
+    "NoWorkerAvailableError",
+    "PayloadTooLargeError",
+    "RateLimitedError",
+    "RegistryConfig",
+    "Subjects",
+    "TopicId",
+    "UnauthorizedError",
+    "UnknownMessageTypeError",
+    "Worker",
+    "WorkerConfig",
+    "WorkerNotRegisteredError",
+    "__version__",
+    "handler",
+]

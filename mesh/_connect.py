@@ -1,0 +1,57 @@
+"""Opening NATS connections the way every mesh process needs them."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+
+from mesh.config import ConnectConfig
+from mesh.errors import MeshConnectionError
+
+logger = logging.getLogger(__name__)
+
+
+async def connect(config: ConnectConfig, *, name: str, reconnect: bool = True) -> NATS:
+    """Connect to NATS as `name` (shown by the server's ``/connz``).
+
+    Long-running processes reconnect forever; a CLI call (`reconnect=False`) fails fast.
+
+    Raises:
+        MeshConnectionError: No server could be reached within the connect timeout.
+    """
+
+    async def on_error(exc: Exception) -> None:
+        logger.warning("NATS connection %s: %s", name, exc)
+
+    async def on_disconnected() -> None:
+        logger.info("NATS connection %s lost; reconnecting", name)
+
+    async def on_reconnected() -> None:
+        logger.info("NATS connection %s restored", name)
+
+    options: dict[str, Any] = {
+        "servers": [url.strip() for url in config.url.split(",") if url.strip()],
+        "name": name,
+        "connect_timeout": config.connect_timeout,
+        "error_cb": on_error,
+        "disconnected_cb": on_disconnected,
+        "reconnected_cb": on_reconnected,
+        "max_reconnect_attempts": -1 if reconnect else 0,
+        "allow_reconnect": reconnect,
+    }
+    if config.user:
+        options["user"] = config.user
+        options["password"] = config.password
+    if config.token:
+        options["token"] = config.token
+    if config.creds_file:
+        options["user_credentials"] = config.creds_file
+    if config.nkeys_seed:
+        options["nkeys_seed"] = config.nkeys_seed
+    try:
+        return await nats.connect(**options)
+    except Exception as exc:
+        raise MeshConnectionError(f"cannot connect to NATS at {config.url}: {exc}") from exc

@@ -1,0 +1,64 @@
+"""Helpers for control-plane endpoints: typed request bodies in, typed replies out."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from pydantic import BaseModel
+
+from mesh._micro import Reply
+from mesh._wire import CONTENT_TYPE, REQUEST_ID, error_from_reply, reply_codec, request_codec
+from mesh.codec import JSON, decode, encode
+from mesh.errors import DeadlineExceededError, NoWorkerAvailableError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_request(msg: Msg, model: type[M]) -> M:
+    """The request body as `model`; `DecodeError` (400) when it does not fit."""
+    return decode(msg.data, model, request_codec(msg.headers))
+
+
+def model_reply(msg: Msg, value: BaseModel | None) -> Reply:
+    """A reply in the request's content type, echoing its request id."""
+    codec = reply_codec(msg.headers)
+    headers = {CONTENT_TYPE: codec.content_type}
+    request_id = (msg.headers or {}).get(REQUEST_ID)
+    if request_id:
+        headers[REQUEST_ID] = request_id
+    return encode(value, codec), headers
+
+
+async def control_request(
+    nc: NATS,
+    subject: str,
+    body: BaseModel | None,
+    reply_type: type[M] | None,
+    *,
+    timeout: float,
+) -> M | None:
+    """Request a control-plane endpoint with a JSON body and return its typed reply.
+
+    Raises:
+        MeshError: The endpoint answered with an error (its code's subclass).
+        NoWorkerAvailableError: Nobody serves `subject`.
+        DeadlineExceededError: No answer within `timeout`.
+    """
+    try:
+        reply = await nc.request(
+            subject, encode(body), timeout=timeout, headers={CONTENT_TYPE: JSON}
+        )
+    except NoRespondersError:
+        raise NoWorkerAvailableError(f"no service answers on {subject}") from None
+    except (TimeoutError, NatsTimeoutError):
+        raise DeadlineExceededError(f"no answer on {subject} within {timeout:g}s") from None
+    error = error_from_reply(reply.data, reply.headers)
+    if error is not None:
+        raise error
+    if reply_type is None:
+        return None
+    return decode(reply.data, reply_type)

@@ -1,0 +1,159 @@
+"""A process-local, always-fresh view of the registry's KV buckets.
+
+The registry service and every gateway hold one `WorkerDirectory`: a watch on
+``mesh-workers`` and one on ``mesh-types`` keep it current, so a lookup on the
+hot path is a dictionary read, and replicas share nothing but KV.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+
+from nats.js.client import JetStreamContext
+from pydantic import ValidationError
+
+from mesh._kv import BucketConfig, KvMirror, MirroredEntry, ensure_bucket
+from mesh.config import RegistryConfig
+from mesh.errors import InvalidIdError
+from mesh.records import TypeRecord, WorkerRecord
+from mesh.subjects import Subjects
+
+logger = logging.getLogger(__name__)
+
+#: The lapse markers of TTL'd keys must outlive the slowest watcher's catch-up.
+MARKER_TTL = 60.0
+
+
+def workers_bucket(subjects: Subjects) -> BucketConfig:
+    return BucketConfig(
+        name=subjects.workers_bucket,
+        description="mesh workers, their agent types, load and heartbeats",
+        marker_ttl=MARKER_TTL,
+    )
+
+
+def types_bucket(subjects: Subjects) -> BucketConfig:
+    return BucketConfig(
+        name=subjects.types_bucket,
+        description="mesh agent types by worker",
+        marker_ttl=MARKER_TTL,
+    )
+
+
+class WorkerDirectory:
+    """Who hosts which agent type, and who is alive, from KV.
+
+    Args:
+        js: JetStream context of the process's connection.
+        subjects: The mesh's names.
+        config: Liveness settings.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        subjects: Subjects,
+        config: RegistryConfig | None = None,
+    ) -> None:
+        self._js = js
+        self._subjects = subjects
+        self._config = config or RegistryConfig()
+        self._workers: dict[str, WorkerRecord] = {}
+        self._types: dict[str, dict[str, TypeRecord]] = defaultdict(dict)
+        self._suspects: dict[str, float] = {}
+        self._worker_mirror: KvMirror | None = None
+        self._type_mirror: KvMirror | None = None
+
+    async def start(self) -> None:
+        """Open (or create) the buckets and load their current contents."""
+        workers_kv = await ensure_bucket(self._js, workers_bucket(self._subjects))
+        types_kv = await ensure_bucket(self._js, types_bucket(self._subjects))
+        self._worker_mirror = KvMirror(workers_kv, on_change=self._worker_changed)
+        self._type_mirror = KvMirror(types_kv, on_change=self._type_changed)
+        await self._worker_mirror.start()
+        await self._type_mirror.start()
+
+    async def aclose(self) -> None:
+        for mirror in (self._worker_mirror, self._type_mirror):
+            if mirror is not None:
+                await mirror.aclose()
+
+    def _worker_changed(self, key: str, entry: MirroredEntry | None) -> None:
+        if entry is None:
+            self._workers.pop(key, None)
+            self._suspects.pop(key, None)
+            return
+        try:
+            record = WorkerRecord.model_validate_json(entry.value)
+        except ValidationError:
+            logger.warning("ignoring malformed worker record %r", key)
+            return
+        self._workers[key] = record
+        # A fresh heartbeat outweighs a failed forward seen earlier.
+        self._suspects.pop(key, None)
+
+    def _type_changed(self, key: str, entry: MirroredEntry | None) -> None:
+        try:
+            agent_type, worker_id = Subjects.parse_type_key(key)
+        except InvalidIdError:
+            logger.warning("ignoring malformed type key %r", key)
+            return
+        if entry is None:
+            registrations = self._types.get(agent_type)
+            if registrations is not None:
+                registrations.pop(worker_id, None)
+                if not registrations:
+                    del self._types[agent_type]
+            return
+        try:
+            self._types[agent_type][worker_id] = TypeRecord.model_validate_json(entry.value)
+        except ValidationError:
+            logger.warning("ignoring malformed type record %r", key)
+
+    # Liveness
+
+    def liveness_window(self, record: WorkerRecord) -> float:
+        """Seconds after its last heartbeat that a worker still counts as alive."""
+        return record.heartbeat_interval * self._config.missed_heartbeats
+
+    def is_live(self, record: WorkerRecord, now: datetime | None = None) -> bool:
+        now = now or datetime.now(UTC)
+        return (now - record.last_heartbeat).total_seconds() <= self.liveness_window(record)
+
+    def mark_suspect(self, worker_id: str) -> None:
+        """Skip `worker_id` until it heartbeats again: a forward found nobody there."""
+        self._suspects[worker_id] = time.monotonic()
+
+    # Lookups
+
+    def knows_type(self, agent_type: str) -> bool:
+        """Whether any worker, alive or not, has registered `agent_type`."""
+        return bool(self._types.get(agent_type)) or any(
+            agent_type in record.agent_types for record in self._workers.values()
+        )
+
+    def worker(self, worker_id: str) -> WorkerRecord | None:
+        return self._workers.get(worker_id)
+
+    def workers(self) -> list[WorkerRecord]:
+        """Every worker with an entry, alive or lapsing, by id."""
+        return sorted(self._workers.values(), key=lambda record: record.id)
+
+    def live_workers(self, agent_type: str | None = None) -> list[WorkerRecord]:
+        """Workers that take new requests (for `agent_type`): alive, healthy, not suspect."""
+        now = datetime.now(UTC)
+        return [
+            record
+            for record in self.workers()
+            if (agent_type is None or agent_type in record.agent_types)
+            and record.status == "healthy"
+            and record.id not in self._suspects
+            and self.is_live(record, now)
+        ]
+
+    def type_registrations(self) -> dict[str, dict[str, TypeRecord]]:
+        """Agent type -> worker id -> registration, for every known type."""
+        return {name: dict(regs) for name, regs in sorted(self._types.items()) if regs}

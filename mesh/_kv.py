@@ -1,0 +1,163 @@
+"""JetStream KV helpers: bucket set-up, keys with a TTL, and a watched local mirror."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.client import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from mesh.subjects import Subjects
+
+logger = logging.getLogger(__name__)
+
+EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BucketConfig:
+    """How a mesh bucket is created when it does not exist yet."""
+
+    name: str
+    description: str = ""
+    history: int = 1
+    replicas: int = 1
+    #: Buckets whose keys carry a TTL need the server to leave markers when they lapse.
+    marker_ttl: float | None = None
+
+
+async def ensure_bucket(js: JetStreamContext, config: BucketConfig) -> KeyValue:
+    """Open `config.name`, creating it (with direct gets on) if it is absent."""
+    try:
+        return await js.key_value(config.name)
+    except BucketNotFoundError:
+        pass
+    try:
+        return await js.create_key_value(
+            KeyValueConfig(
+                bucket=config.name,
+                description=config.description,
+                history=config.history,
+                replicas=config.replicas,
+                storage=StorageType.FILE,
+                direct=True,
+                limit_marker_ttl=config.marker_ttl,
+            )
+        )
+    except Exception:
+        # Another process may have created it between our two calls.
+        return await js.key_value(config.name)
+
+
+def ttl_seconds(seconds: float) -> int:
+    """A per-key TTL as the server takes it: whole seconds, at least one."""
+    return max(1, math.ceil(seconds))
+
+
+async def put_with_ttl(
+    js: JetStreamContext,
+    bucket: str,
+    key: str,
+    value: bytes,
+    ttl: float,
+    *,
+    last_revision: int | None = None,
+) -> int:
+    """Put `value` under `key` so that it lapses after `ttl` unless written again.
+
+    With `last_revision`, the write is a compare-and-set on that revision.
+
+    Raises:
+        KeyWrongLastSequenceError: `last_revision` is not the key's latest revision.
+    """
+    headers = None
+    if last_revision is not None:
+        headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(last_revision)}
+    try:
+        ack = await js.publish(
+            Subjects.kv_subject(bucket, key), value, headers=headers, msg_ttl=ttl_seconds(ttl)
+        )
+    except Exception as exc:
+        if getattr(exc, "err_code", None) in (10071, 10164):
+            raise KeyWrongLastSequenceError(description=str(exc)) from exc
+        raise
+    return int(ack.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class MirroredEntry:
+    """The latest value of a key, as a watcher saw it."""
+
+    key: str
+    value: bytes
+    revision: int
+
+
+ChangeCallback = Callable[[str, MirroredEntry | None], None]
+
+
+class KvMirror:
+    """A local copy of (part of) a bucket, kept fresh by one long-lived KV watch.
+
+    Args:
+        kv: The bucket.
+        keys: The watch filter (``>`` for every key).
+        on_change: Called with ``(key, entry)`` on every put, ``(key, None)`` on delete,
+            purge or TTL expiry.
+    """
+
+    def __init__(self, kv: KeyValue, keys: str = ">", on_change: ChangeCallback | None = None):
+        self._kv = kv
+        self._keys = keys
+        self._on_change = on_change
+        self.entries: dict[str, MirroredEntry] = {}
+        self.ready = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._watcher: KeyValue.KeyWatcher | None = None
+
+    async def start(self, timeout: float = 10.0) -> None:
+        """Start watching and return once the current values are loaded."""
+        if self._task is not None:
+            return
+        self._watcher = await self._kv.watch(self._keys)
+        self._task = asyncio.create_task(self._follow(self._watcher), name=f"kv-watch:{self._keys}")
+        async with asyncio.timeout(timeout):
+            await self.ready.wait()
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        async for entry in watcher:
+            if entry is None:  # end of the initial values
+                self.ready.set()
+                continue
+            if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
+                self.entries.pop(entry.key, None)
+                changed: MirroredEntry | None = None
+            else:
+                changed = MirroredEntry(entry.key, entry.value, int(entry.revision or 0))
+                self.entries[entry.key] = changed
+            if entry.delta == 0:
+                self.ready.set()
+            if self._on_change is not None:
+                try:
+                    self._on_change(entry.key, changed)
+                except Exception:
+                    logger.exception("KV change callback failed for %s", entry.key)
+
+    async def aclose(self) -> None:
+        """Stop watching. Idempotent."""
+        if self._watcher is not None:
+            watcher, self._watcher = self._watcher, None
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]
+        if self._task is not None:
+            task, self._task = self._task, None
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,315 @@
+"""The ``mesh`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Coroutine, Sequence
+from typing import Any
+
+import orjson
+
+from mesh._connect import connect
+from mesh.agent import Agent
+from mesh.client import MeshClient
+from mesh.codec import JSON_CODEC, MSGPACK_CODEC
+from mesh.config import ConnectConfig, GatewayConfig, RegistryConfig, WorkerConfig
+from mesh.errors import BadRequestError, MeshError
+from mesh.ids import AgentId
+from mesh.server import NatsServer
+from mesh.subjects import Subjects
+
+logger = logging.getLogger("mesh")
+
+SERVICES = ("registry", "gateway")
+
+
+def run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run `coro` on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def load_agent_class(spec: str) -> type[Agent]:
+    """Import ``module:Class``; the current directory is importable, as for ``python -m``."""
+    module_name, sep, class_name = spec.partition(":")
+    if not sep or not module_name or not class_name:
+        raise BadRequestError(f"expected MODULE:Class, not {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    module = importlib.import_module(module_name)
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Agent)):
+        raise BadRequestError(f"{spec} is not an Agent subclass")
+    return cls
+
+
+# Process plumbing
+
+
+async def wait_for_stop_signal() -> None:
+    """Return on SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+@contextlib.asynccontextmanager
+async def running_services(
+    connect_config: ConnectConfig, names: Sequence[str], subjects: Subjects
+) -> AsyncIterator[None]:
+    """Run the named services on one connection for the duration of the block."""
+    from mesh.handlers.gateway import Gateway
+    from mesh.handlers.registry import Registry
+
+    unknown = sorted(set(names) - set(SERVICES))
+    if unknown:
+        raise BadRequestError(f"unknown services {unknown}; choose from {list(SERVICES)}")
+    nc = await connect(connect_config, name=f"{subjects.prefix}-services")
+    started: list[Registry | Gateway] = []
+    try:
+        registry_config = RegistryConfig.from_env()
+        for name in SERVICES:  # registry first: gateways and workers need it
+            if name not in names:
+                continue
+            service: Registry | Gateway
+            if name == "registry":
+                service = Registry(nc, subjects, registry_config)
+            else:
+                service = Gateway(nc, subjects, GatewayConfig.from_env(), registry_config)
+            await service.start()
+            started.append(service)
+            logger.info("%s serving on %s", name, connect_config.url)
+        yield
+    finally:
+        for service in reversed(started):
+            await service.shutdown()
+        await nc.drain()
+
+
+@contextlib.contextmanager
+def nats_for(args: argparse.Namespace) -> Any:
+    """The NATS to use: ``--nats`` if given, else an embedded server for the block."""
+    if args.nats:
+        yield ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats})
+        return
+    with NatsServer(store_dir=getattr(args, "data_dir", None)) as server:
+        yield ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": server.url})
+
+
+# Commands
+
+
+async def cmd_up(args: argparse.Namespace) -> int:
+    with nats_for(args) as connect_config:
+        subjects = Subjects(args.prefix)
+        async with running_services(connect_config, SERVICES, subjects):
+            print(f"mesh is up on {connect_config.url} (prefix {subjects.prefix})", flush=True)
+            print(f"  workers:  MESH_NATS_URL={connect_config.url} mesh worker MODULE:Class")
+            print(f"  call:     mesh --nats {connect_config.url} call echo/alice '{{...}}'")
+            await wait_for_stop_signal()
+    return 0
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
+    async with running_services(connect_config, args.services, Subjects(args.prefix)):
+        await wait_for_stop_signal()
+    return 0
+
+
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    base = WorkerConfig.from_env()
+    return WorkerConfig(
+        worker_id=args.worker_id or base.worker_id,
+        heartbeat_interval=args.heartbeat_interval or base.heartbeat_interval,
+        max_concurrency=args.concurrency or base.max_concurrency,
+        drain_timeout=args.drain_timeout or base.drain_timeout,
+        idle_timeout=base.idle_timeout,
+        register_timeout=base.register_timeout,
+    )
+
+
+async def serve_worker(args: argparse.Namespace, agents: Sequence[type[Agent]]) -> int:
+    from mesh.worker import Worker
+
+    subjects = Subjects(args.prefix)
+    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
+    config = worker_config(args)
+    nc = await connect(connect_config, name=f"{subjects.prefix}-worker")
+    try:
+        worker = Worker(nc, agents, config, subjects)
+        print(f"worker {worker.id} hosting {', '.join(worker.agent_types)}", flush=True)
+        await worker.run(handle_signals=True)
+    finally:
+        await nc.drain()
+    return 0
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
+    return await serve_worker(args, [load_agent_class(spec) for spec in args.agents])
+
+
+async def cmd_call(args: argparse.Namespace) -> int:
+    target = AgentId.parse(args.agent)
+    try:
+        payload = orjson.loads(args.payload) if args.payload else None
+    except orjson.JSONDecodeError as exc:
+        raise BadRequestError(f"the payload is not JSON: {exc}") from exc
+    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
+    client = await MeshClient.connect(
+        connect_config,
+        subjects=Subjects(args.prefix),
+        codec=MSGPACK_CODEC if args.msgpack else JSON_CODEC,
+    )
+    async with client:
+        reply = await client.call(target, payload, message_type=args.type, timeout=args.timeout)
+    print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode() if reply is not None else "")
+    return 0
+
+
+async def cmd_workers(args: argparse.Namespace) -> int:
+    from mesh._tables import fetch_types, fetch_workers, print_types, print_workers
+
+    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
+    nc = await connect(connect_config, name="mesh-cli", reconnect=False)
+    try:
+        subjects = Subjects(args.prefix)
+        if args.command == "workers":
+            print_workers(await fetch_workers(nc, subjects))
+        else:
+            print_types(await fetch_types(nc, subjects))
+    finally:
+        await nc.drain()
+    return 0
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from mesh.demo import run_demo
+
+    return await run_demo(data_dir=args.data_dir)
+
+
+async def cmd_bench(args: argparse.Namespace) -> int:
+    from mesh.bench import run_bench
+
+    return await run_bench(requests=args.requests, concurrency=args.concurrency)
+
+
+# Parsing
+
+
+def add_worker_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--worker-id", help="stable worker id (default: host-pid-random)")
+    parser.add_argument("--heartbeat-interval", type=float, help="seconds between heartbeats")
+    parser.add_argument("--concurrency", type=int, help="requests served at once")
+    parser.add_argument("--drain-timeout", type=float, help="seconds in-flight work may finish")
+
+
+def add_common_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--nats",
+        default=os.environ.get("MESH_NATS_URL"),
+        help="NATS URL (env MESH_NATS_URL); up/demo embed a server when absent",
+    )
+    parser.add_argument("--prefix", default=os.environ.get("MESH_PREFIX") or "mesh")
+    parser.add_argument("--log-level", default=os.environ.get("MESH_LOG_LEVEL") or "warning")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mesh", description=__doc__)
+    add_common_options(parser)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="embedded NATS and every service, for development")
+    up.add_argument("--data-dir", help="JetStream store (default: a temporary folder)")
+
+    serve = commands.add_parser("serve", help="run chosen services against a NATS server")
+    serve.add_argument("services", nargs="+", choices=SERVICES)
+
+    worker = commands.add_parser("worker", help="host agent types: mesh worker MODULE:Class")
+    worker.add_argument("agents", nargs="+", metavar="MODULE:Class")
+    add_worker_options(worker)
+
+    call = commands.add_parser("call", help="send a request to an agent and print the reply")
+    call.add_argument("agent", metavar="TYPE/KEY")
+    call.add_argument("payload", nargs="?", default=None, metavar="JSON")
+    call.add_argument("--type", help="message type (Mesh-Msg-Type)")
+    call.add_argument("--timeout", type=float, default=10.0)
+    call.add_argument("--msgpack", action="store_true", help="send and receive msgpack")
+
+    commands.add_parser("workers", help="list live workers")
+    commands.add_parser("agents", help="list agent types and their workers")
+
+    demo = commands.add_parser("demo", help="a scripted tour on an embedded NATS")
+    demo.add_argument("--data-dir")
+
+    bench = commands.add_parser("bench", help="request/reply through mesh vs raw NATS")
+    bench.add_argument("--requests", type=int, default=5000)
+    bench.add_argument("--concurrency", type=int, default=32)
+    return parser
+
+
+COMMANDS = {
+    "up": cmd_up,
+    "serve": cmd_serve,
+    "worker": cmd_worker,
+    "call": cmd_call,
+    "workers": cmd_workers,
+    "agents": cmd_workers,
+    "demo": cmd_demo,
+    "bench": cmd_bench,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        return run(COMMANDS[args.command](args))
+    except MeshError as exc:
+        print(f"error {int(exc.code)} {exc.wire_type}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def worker_main(agents: Sequence[type[Agent]], argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m workers.<name>``: a worker for `agents`."""
+    parser = argparse.ArgumentParser(description=f"a worker for {[a.__name__ for a in agents]}")
+    add_common_options(parser)
+    add_worker_options(parser)
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        sys.exit(run(serve_worker(args, agents)))
+    except MeshError as exc:
+        print(f"error {int(exc.code)} {exc.wire_type}: {exc.message}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Calling agents from any Python process: `MeshClient`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, TypeVar, overload
+
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from pydantic import BaseModel
+
+from mesh._connect import connect
+from mesh._wire import (
+    CONTENT_TYPE,
+    MSG_TYPE,
+    REQUEST_ID,
+    SENDER,
+    TIMEOUT_MS,
+    error_from_reply,
+    new_request_id,
+)
+from mesh.codec import JSON_CODEC, Codec, codec_for, decode, decode_plain, encode
+from mesh.config import ConnectConfig
+from mesh.errors import DeadlineExceededError, MeshConnectionError, NoWorkerAvailableError
+from mesh.ids import AgentId
+from mesh.subjects import Subjects
+
+M = TypeVar("M", bound=BaseModel)
+
+#: How much longer than the deadline the client waits, to receive the gateway's own 504.
+REPLY_GRACE = 0.5
+
+
+class MeshClient:
+    """Sends requests to agents through the gateway (``mesh.rpc.<type>.<key>``).
+
+    Args:
+        nc: A connected NATS client. `MeshClient.connect` makes one the client owns.
+        subjects: The mesh's names.
+        codec: Encoding of requests (and so of replies).
+        default_timeout: Deadline of a call that names none.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        subjects: Subjects | None = None,
+        codec: Codec = JSON_CODEC,
+        default_timeout: float = 30.0,
+    ) -> None:
+        self._nc = nc
+        self._subjects = subjects or Subjects()
+        self._codec = codec
+        self._default_timeout = default_timeout
+        self._owns_connection = False
+
+    @classmethod
+    async def connect(
+        cls,
+        config: ConnectConfig | None = None,
+        *,
+        subjects: Subjects | None = None,
+        codec: Codec = JSON_CODEC,
+        default_timeout: float = 30.0,
+        name: str = "mesh-client",
+    ) -> MeshClient:
+        """Connect to NATS and return a client that closes the connection on `aclose`."""
+        nc = await connect(config or ConnectConfig.from_env(), name=name, reconnect=False)
+        client = cls(nc, subjects=subjects, codec=codec, default_timeout=default_timeout)
+        client._owns_connection = True
+        return client
+
+    @property
+    def nc(self) -> NATS:
+        return self._nc
+
+    @overload
+    async def call(
+        self,
+        target: AgentId,
+        message: BaseModel | Mapping[str, Any] | None,
+        *,
+        response_type: type[M],
+        message_type: str | None = ...,
+        timeout: float | None = ...,
+        sender: AgentId | None = ...,
+        headers: Mapping[str, str] | None = ...,
+    ) -> M: ...
+
+    @overload
+    async def call(
+        self,
+        target: AgentId,
+        message: BaseModel | Mapping[str, Any] | None,
+        *,
+        response_type: None = ...,
+        message_type: str | None = ...,
+        timeout: float | None = ...,
+        sender: AgentId | None = ...,
+        headers: Mapping[str, str] | None = ...,
+    ) -> Any: ...
+
+    async def call(
+        self,
+        target: AgentId,
+        message: BaseModel | Mapping[str, Any] | None,
+        *,
+        response_type: type[Any] | None = None,
+        message_type: str | None = None,
+        timeout: float | None = None,
+        sender: AgentId | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Any:
+        """Send `message` to `target` and return its reply.
+
+        Args:
+            target: The agent.
+            message: A pydantic model (its class name is the message type) or plain data.
+            response_type: Validate the reply as this model; plain data when ``None``.
+            message_type: The ``Mesh-Msg-Type``; defaults to the model's class name.
+            timeout: Seconds to wait for the reply.
+            sender: The sending agent, for ``Mesh-Sender``.
+            headers: Extra headers (``Authorization``, ``traceparent``...).
+
+        Raises:
+            MeshError: The subclass matching the error code of a failed reply.
+        """
+        deadline = self._default_timeout if timeout is None else timeout
+        request_headers = dict(headers or {})
+        request_headers[CONTENT_TYPE] = self._codec.content_type
+        request_headers.setdefault(REQUEST_ID, new_request_id())
+        request_headers[TIMEOUT_MS] = str(max(1, int(deadline * 1000)))
+        name = message_type or (type(message).__name__ if isinstance(message, BaseModel) else None)
+        if name:
+            request_headers[MSG_TYPE] = name
+        if sender is not None:
+            request_headers[SENDER] = str(sender)
+        subject = self._subjects.rpc(target)
+        try:
+            reply = await self._nc.request(
+                subject,
+                encode(message, self._codec),
+                timeout=deadline + REPLY_GRACE,
+                headers=request_headers,
+            )
+        except NoRespondersError:
+            raise NoWorkerAvailableError(
+                f"no gateway is serving {self._subjects.rpc_all}",
+                request_id=request_headers[REQUEST_ID],
+            ) from None
+        except (TimeoutError, NatsTimeoutError):
+            raise DeadlineExceededError(
+                f"no reply from {target} within {deadline:g}s",
+                request_id=request_headers[REQUEST_ID],
+            ) from None
+        except Exception as exc:
+            raise MeshConnectionError(f"request to {target} failed: {exc}") from exc
+        error = error_from_reply(reply.data, reply.headers)
+        if error is not None:
+            raise error
+        codec = codec_for((reply.headers or {}).get(CONTENT_TYPE) or self._codec.content_type)
+        if response_type is not None and issubclass(response_type, BaseModel):
+            return decode(reply.data, response_type, codec)
+        return decode_plain(reply.data, codec)
+
+    async def aclose(self) -> None:
+        """Close the connection if this client opened it. Idempotent."""
+        if self._owns_connection and not self._nc.is_closed:
+            await self._nc.drain()
+
+    async def __aenter__(self) -> MeshClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

@@ -1,0 +1,150 @@
+"""Settings of mesh's processes: frozen dataclasses, each with `from_env`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mesh.errors import BadRequestError
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise BadRequestError(f"{name} must be a number of seconds, not {raw!r}") from None
+    if value <= 0:
+        raise BadRequestError(f"{name} must be positive, not {raw!r}")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequestError(f"{name} must be a whole number, not {raw!r}") from None
+    if value <= 0:
+        raise BadRequestError(f"{name} must be positive, not {raw!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectConfig:
+    """How a mesh process connects to NATS.
+
+    Attributes:
+        url: One or more server URLs, comma-separated.
+        user, password, token, creds_file, nkeys_seed: Credentials, when the server wants them.
+        connect_timeout: Seconds to wait for the first connection.
+    """
+
+    url: str = "nats://127.0.0.1:4222"
+    user: str | None = None
+    password: str | None = None
+    token: str | None = None
+    creds_file: str | None = None
+    nkeys_seed: str | None = None
+    connect_timeout: float = 5.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> ConnectConfig:
+        default = cls()
+        return cls(
+            url=env.get("MESH_NATS_URL") or default.url,
+            user=env.get("MESH_NATS_USER") or None,
+            password=env.get("MESH_NATS_PASSWORD") or None,
+            token=env.get("MESH_NATS_TOKEN") or None,
+            creds_file=env.get("MESH_NATS_CREDS") or None,
+            nkeys_seed=env.get("MESH_NATS_NKEY") or None,
+            connect_timeout=_float(env, "MESH_CONNECT_TIMEOUT", default.connect_timeout),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RegistryConfig:
+    """Settings of the registry and of everything that judges worker liveness.
+
+    Attributes:
+        missed_heartbeats: A worker whose last heartbeat is older than this many of its
+            heartbeat intervals is dead: it drops out of lookups and its entry lapses.
+        type_retention: How long a dead worker's agent type registrations stay, so that
+            callers get 503 (known type, no worker) rather than 404 meanwhile.
+    """
+
+    missed_heartbeats: int = 3
+    type_retention: float = 3600.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> RegistryConfig:
+        default = cls()
+        return cls(
+            missed_heartbeats=_int(env, "MESH_MISSED_HEARTBEATS", default.missed_heartbeats),
+            type_retention=_float(env, "MESH_TYPE_RETENTION", default.type_retention),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GatewayConfig:
+    """Settings of the gateway.
+
+    Attributes:
+        default_timeout: Deadline of a request that sets no ``Mesh-Timeout-Ms``.
+        max_timeout: The longest deadline a caller may ask for.
+        max_payload: Largest request body in bytes; larger ones get 413.
+        max_concurrency: Requests one gateway serves at once before it pushes back.
+    """
+
+    default_timeout: float = 30.0
+    max_timeout: float = 300.0
+    max_payload: int = 1024 * 1024
+    max_concurrency: int = 1024
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> GatewayConfig:
+        default = cls()
+        return cls(
+            default_timeout=_float(env, "MESH_DEFAULT_TIMEOUT", default.default_timeout),
+            max_timeout=_float(env, "MESH_MAX_TIMEOUT", default.max_timeout),
+            max_payload=_int(env, "MESH_MAX_PAYLOAD", default.max_payload),
+            max_concurrency=_int(env, "MESH_GATEWAY_CONCURRENCY", default.max_concurrency),
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerConfig:
+    """Settings of a worker process.
+
+    Attributes:
+        worker_id: Stable id; a fresh one (host, pid, random) when ``None``.
+        heartbeat_interval: Seconds between heartbeats to the registry.
+        max_concurrency: Requests served at once across all agents.
+        drain_timeout: On shutdown, how long in-flight requests may run before cancellation.
+        idle_timeout: An activation unused this long is deactivated.
+        register_timeout: How long to keep trying to reach a registry at start.
+    """
+
+    worker_id: str | None = None
+    heartbeat_interval: float = 2.0
+    max_concurrency: int = 256
+    drain_timeout: float = 30.0
+    idle_timeout: float = 600.0
+    register_timeout: float = 30.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> WorkerConfig:
+        default = cls()
+        return cls(
+            worker_id=env.get("MESH_WORKER_ID") or None,
+            heartbeat_interval=_float(env, "MESH_HEARTBEAT_INTERVAL", default.heartbeat_interval),
+            max_concurrency=_int(env, "MESH_WORKER_CONCURRENCY", default.max_concurrency),
+            drain_timeout=_float(env, "MESH_DRAIN_TIMEOUT", default.drain_timeout),
+            idle_timeout=_float(env, "MESH_IDLE_TIMEOUT", default.idle_timeout),
+            register_timeout=_float(env, "MESH_REGISTER_TIMEOUT", default.register_timeout),
+        )

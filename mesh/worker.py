@@ -1,0 +1,432 @@
+"""A worker process: hosts agent types, serves their requests, heartbeats its load.
+
+Life of a worker: register its agent types with the registry, serve
+``mesh.worker.<id>.rpc.>`` (each agent one message at a time, agents concurrently),
+heartbeat every interval with its load. On shutdown (SIGTERM, or ``ctl.drain``):
+announce ``draining`` so gateways stop sending, stop receiving, let in-flight
+requests finish, deregister, deactivate agents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Any
+
+import psutil
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from mesh import __version__
+from mesh._activations import ActivationTable
+from mesh._control import control_request, model_reply
+from mesh._micro import MicroService, Reply
+from mesh._wire import (
+    CONTENT_TYPE,
+    MSG_TYPE,
+    REQUEST_ID,
+    SENDER,
+    new_request_id,
+    parse_timeout,
+    request_codec,
+)
+from mesh.agent import Agent, HandlerSpec, MessageContext, agent_types_of
+from mesh.client import MeshClient
+from mesh.codec import decode, encode
+from mesh.config import WorkerConfig
+from mesh.errors import (
+    AgentTypeNotFoundError,
+    DeadlineExceededError,
+    HandlerError,
+    InvalidIdError,
+    MeshError,
+    UnknownMessageTypeError,
+    WorkerNotRegisteredError,
+)
+from mesh.ids import AgentId
+from mesh.records import (
+    AgentTypeSpec,
+    DeregisterRequest,
+    HeartbeatRequest,
+    RegisterRequest,
+    RegistrationReply,
+    WorkerLoad,
+    WorkerRecord,
+    WorkerStatus,
+)
+from mesh.subjects import Subjects, validate_worker_id
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "worker"
+#: The longest a handler may run when the request named no deadline.
+MAX_HANDLER_TIME = 3600.0
+#: Weight of the newest sample in the load averages reported to the registry.
+EWMA_WEIGHT = 0.2
+CONTROL_TIMEOUT = 2.0
+
+
+def new_worker_id() -> str:
+    """A readable, unique worker id: host, pid and a random suffix."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:32] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class _LoadMeter:
+    """Counts and running averages reported with each heartbeat."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.latency = 0.0
+        self.error_rate = 0.0
+        self._process = psutil.Process()
+        self._process.cpu_percent(None)
+
+    def record(self, seconds: float, failed: bool) -> None:
+        self.requests += 1
+        self.latency += EWMA_WEIGHT * (seconds - self.latency)
+        self.error_rate += EWMA_WEIGHT * ((1.0 if failed else 0.0) - self.error_rate)
+
+    def snapshot(self, inflight: int, capacity: int, activations: int) -> WorkerLoad:
+        return WorkerLoad(
+            inflight=inflight,
+            capacity=capacity,
+            activations=activations,
+            cpu=self._process.cpu_percent(None) / 100.0,
+            rss=self._process.memory_info().rss,
+            latency=self.latency,
+            error_rate=self.error_rate,
+            requests=self.requests,
+        )
+
+
+class Worker:
+    """Hosts agent types on one NATS connection.
+
+    Args:
+        nc: A connected NATS client; the worker does not close it.
+        agents: The agent classes to host.
+        config: Worker settings.
+        subjects: The mesh's names.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        agents: Sequence[type[Agent]],
+        config: WorkerConfig | None = None,
+        subjects: Subjects | None = None,
+    ) -> None:
+        self._nc = nc
+        self._config = config or WorkerConfig()
+        self._subjects = subjects or Subjects()
+        self._classes = agent_types_of(list(agents))
+        self.id = validate_worker_id(self._config.worker_id or new_worker_id())
+        self._activations = ActivationTable(self._classes, MeshClient(nc, subjects=self._subjects))
+        self._service = MicroService(
+            nc,
+            name=self._subjects.micro_name(SERVICE),
+            version=__version__,
+            description="hosts agents: " + ", ".join(sorted(self._classes)),
+            metadata={"worker_id": self.id},
+        )
+        self._load = _LoadMeter()
+        self._started_at = datetime.now(UTC)
+        self._status: WorkerStatus = "healthy"
+        self._revision: int | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stop_requested = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._state = "new"
+
+    @property
+    def agent_types(self) -> list[str]:
+        return sorted(self._classes)
+
+    @property
+    def activations(self) -> int:
+        return len(self._activations)
+
+    # Lifecycle
+
+    async def start(self) -> None:
+        """Serve, register, and start heartbeating."""
+        if self._state != "new":
+            return
+        self._state = "starting"
+        await self._service.add_endpoint(
+            "rpc",
+            subject=self._subjects.worker_rpc_all(self.id),
+            handler=self._serve_rpc,
+            max_concurrency=self._config.max_concurrency,
+        )
+        await self._service.add_endpoint(
+            "stats", subject=self._subjects.worker_ctl(self.id, "stats"), handler=self._stats
+        )
+        await self._service.add_endpoint(
+            "drain", subject=self._subjects.worker_ctl(self.id, "drain"), handler=self._drain
+        )
+        await self._service.start()
+        await self._register(self._config.register_timeout)
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat:{self.id}"),
+            asyncio.create_task(self._eviction_loop(), name=f"evict:{self.id}"),
+        ]
+        self._state = "running"
+        logger.info("worker %s serving %s", self.id, ", ".join(self.agent_types))
+
+    def request_stop(self) -> None:
+        """Ask `run` to shut down gracefully (safe from a signal handler)."""
+        self._stop_requested.set()
+
+    async def run(self, *, handle_signals: bool = False) -> None:
+        """Start, serve until asked to stop (SIGTERM/SIGINT when `handle_signals`), drain."""
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self.start()
+            await self._stop_requested.wait()
+        finally:
+            await self.shutdown()
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+
+    async def shutdown(self) -> None:
+        """Drain and leave: stop taking work, finish in-flight requests, deregister.
+
+        Idempotent; concurrent callers wait for the first one to finish.
+        """
+        if self._state in ("stopping", "stopped"):
+            await self._stopped.wait()
+            return
+        if self._state == "new":
+            self._state = "stopped"
+            self._stopped.set()
+            return
+        self._state = "stopping"
+        try:
+            self._status = "draining"
+            with contextlib.suppress(MeshError):
+                await self._send_heartbeat()
+            await self._service.stop(self._config.drain_timeout)
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            try:
+                await control_request(
+                    self._nc,
+                    self._subjects.service("registry", "deregister"),
+                    DeregisterRequest(worker_id=self.id),
+                    None,
+                    timeout=CONTROL_TIMEOUT,
+                )
+            except MeshError as exc:
+                logger.warning("worker %s could not deregister: %s", self.id, exc)
+            await self._activations.deactivate_all()
+            logger.info("worker %s stopped", self.id)
+        finally:
+            self._state = "stopped"
+            self._stopped.set()
+
+    async def __aenter__(self) -> Worker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    # Registry
+
+    def _record(self) -> WorkerRecord:
+        return WorkerRecord(
+            id=self.id,
+            subject=self._subjects.worker(self.id),
+            agent_types=self.agent_types,
+            started_at=self._started_at,
+            heartbeat_interval=self._config.heartbeat_interval,
+            load=self._load.snapshot(
+                self._service.in_flight, self._config.max_concurrency, len(self._activations)
+            ),
+            status=self._status,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            version=__version__,
+        )
+
+    def _type_specs(self) -> list[AgentTypeSpec]:
+        return [
+            AgentTypeSpec(
+                name=name,
+                handlers=sorted(cls.handlers),
+                stateless=cls.stateless,
+                description=cls.description,
+            )
+            for name, cls in sorted(self._classes.items())
+        ]
+
+    async def _register(self, timeout: float) -> None:
+        """Register, retrying until a registry answers or `timeout` passes."""
+        subject = self._subjects.service("registry", "register")
+        request = RegisterRequest(worker=self._record(), types=self._type_specs())
+        delay = 0.05
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    reply = await control_request(
+                        self._nc, subject, request, RegistrationReply, timeout=CONTROL_TIMEOUT
+                    )
+                    break
+                except MeshError as exc:
+                    logger.info("worker %s waiting for a registry: %s", self.id, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+        assert reply is not None
+        self._revision = reply.revision
+
+    async def _send_heartbeat(self) -> None:
+        if self._revision is None:
+            await self._register(CONTROL_TIMEOUT)
+            return
+        try:
+            reply = await control_request(
+                self._nc,
+                self._subjects.service("registry", "heartbeat"),
+                HeartbeatRequest(worker=self._record(), revision=self._revision),
+                RegistrationReply,
+                timeout=CONTROL_TIMEOUT,
+            )
+        except WorkerNotRegisteredError:
+            logger.warning("worker %s lost its registration; registering again", self.id)
+            self._revision = None
+            await self._register(CONTROL_TIMEOUT)
+            return
+        assert reply is not None
+        self._revision = reply.revision
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.heartbeat_interval)
+            try:
+                await self._send_heartbeat()
+            except (MeshError, TimeoutError) as exc:
+                logger.warning("worker %s heartbeat failed: %s", self.id, exc)
+
+    async def _eviction_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.idle_timeout / 2)
+            evicted = await self._activations.evict_idle(self._config.idle_timeout)
+            if evicted:
+                logger.info("worker %s deactivated %d idle agents", self.id, evicted)
+
+    # Requests
+
+    def _handler_for(self, agent_id: AgentId, headers: dict[str, str]) -> HandlerSpec:
+        cls = self._activations.agent_class(agent_id.type)
+        if cls is None:
+            raise AgentTypeNotFoundError(f"worker {self.id} does not host {agent_id.type!r}")
+        name = headers.get(MSG_TYPE)
+        if not name:
+            if len(cls.handlers) == 1:
+                return next(iter(cls.handlers.values()))
+            raise UnknownMessageTypeError(
+                f"{agent_id.type} handles {', '.join(sorted(cls.handlers))}:"
+                f" say which in {MSG_TYPE}"
+            )
+        spec = cls.handlers.get(name)
+        if spec is None:
+            raise UnknownMessageTypeError(
+                f"{agent_id.type} has no handler for {name!r};"
+                f" it handles {', '.join(sorted(cls.handlers))}"
+            )
+        return spec
+
+    async def _serve_rpc(self, msg: Msg) -> Reply:
+        headers = dict(msg.headers or {})
+        request_id = headers.get(REQUEST_ID) or new_request_id()
+        started = asyncio.get_running_loop().time()
+        failed = True
+        try:
+            reply = await self._handle(msg, headers, request_id)
+            failed = False
+            return reply
+        except MeshError as exc:
+            exc.request_id = exc.request_id or request_id
+            raise
+        finally:
+            self._load.record(asyncio.get_running_loop().time() - started, failed)
+
+    async def _handle(self, msg: Msg, headers: dict[str, str], request_id: str) -> Reply:
+        agent_id = self._subjects.parse_worker_rpc(self.id, msg.subject)
+        codec = request_codec(headers)
+        spec = self._handler_for(agent_id, headers)
+        message = decode(msg.data, spec.message_type, codec)
+        timeout = parse_timeout(headers, MAX_HANDLER_TIME, MAX_HANDLER_TIME)
+        sender = None
+        if headers.get(SENDER):
+            with contextlib.suppress(InvalidIdError):
+                sender = AgentId.parse(headers[SENDER])
+        ctx = MessageContext(
+            agent_id=agent_id,
+            message_type=spec.message_type_name,
+            request_id=request_id,
+            sender=sender,
+            worker_id=self.id,
+            headers=headers,
+            deadline=timeout,
+        )
+
+        async def work(agent: Agent) -> Any:
+            return await spec.method(agent, message, ctx)
+
+        try:
+            async with asyncio.timeout(timeout):
+                result = await self._activations.run(agent_id, work)
+        except TimeoutError:
+            raise DeadlineExceededError(f"{agent_id} did not answer within {timeout:g}s") from None
+        except MeshError:
+            raise
+        except Exception as exc:
+            logger.exception(
+                "handler %s of %s failed (request %s)", spec.name, agent_id, request_id
+            )
+            raise HandlerError(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            body = encode(result, codec)
+        except TypeError as exc:
+            raise HandlerError(f"{spec.name} returned what cannot be encoded: {exc}") from exc
+        return body, {CONTENT_TYPE: codec.content_type, REQUEST_ID: request_id}
+
+    async def _stats(self, msg: Msg) -> Reply:
+        return model_reply(msg, self._record())
+
+    async def _drain(self, msg: Msg) -> Reply:
+        self.request_stop()
+        return model_reply(msg, None)
+
+
+async def run_worker(
+    nc: NATS,
+    agents: Sequence[type[Agent]],
+    config: WorkerConfig | None = None,
+    subjects: Subjects | None = None,
+) -> None:
+    """Run a worker until SIGTERM or SIGINT, then drain and return."""
+    worker = Worker(nc, agents, config, subjects)
+    await worker.run(handle_signals=True)

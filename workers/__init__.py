@@ -1,0 +1,1 @@
+"""Example agent types, each runnable as a worker: ``python -m workers.<name>``."""
