@@ -67,10 +67,10 @@ def parse_timeout(headers: Mapping[str, str] | None, default: float, maximum: fl
     raw = (headers or {}).get(TIMEOUT_MS)
     if raw is None or raw == "":
         return min(default, maximum)
-    try:
-        millis = int(raw)
-    except ValueError:
-        raise BadRequestError(f"{TIMEOUT_MS} must be whole milliseconds, not {raw!r}") from None
+    digits = raw[1:] if raw.startswith("-") else raw
+    if not (digits.isascii() and digits.isdigit()):
+        raise BadRequestError(f"{TIMEOUT_MS} must be whole milliseconds, not {raw!r}")
+    millis = int(raw)
     if millis <= 0:
         raise BadRequestError(f"{TIMEOUT_MS} must be positive, not {millis}")
     return min(millis / 1000.0, maximum)
@@ -150,7 +150,11 @@ def error_from_reply(data: bytes, headers: Mapping[str, str] | None) -> MeshErro
     cls = error_class(code, wire_type)
     if cls is RateLimitedError:
         retry_ms = headers.get(RETRY_AFTER_MS)
-        retry_after = int(retry_ms) / 1000.0 if retry_ms and retry_ms.isdigit() else None
+        retry_after = (
+            int(retry_ms) / 1000.0
+            if retry_ms and retry_ms.isascii() and retry_ms.isdigit()
+            else None
+        )
         return RateLimitedError(message, retry_after=retry_after, request_id=request_id)
     if cls is DecodeError:
         return DecodeError(message, request_id=request_id)

@@ -185,10 +185,10 @@ _BY_CODE: dict[int, type[MeshError]] = {}
 
 def _index(cls: type[MeshError]) -> None:
     _BY_WIRE_TYPE.setdefault(cls.wire_type, cls)
+    # Parents before children: the class kept for a code is the most general one.
+    _BY_CODE.setdefault(int(cls.code), cls)
     for sub in cls.__subclasses__():
         _index(sub)
-    # The first class registered for a code is the most general one.
-    _BY_CODE.setdefault(int(cls.code), cls)
 
 
 def error_class(code: int, wire_type: str | None = None) -> type[MeshError]:

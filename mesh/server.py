@@ -57,9 +57,11 @@ class NatsServer:
     Args:
         port: Client port; ``-1`` picks a free one.
         host: Address to listen on.
-        store_dir: JetStream store; a temporary folder removed on stop when ``None``.
-        jetstream: Enable JetStream.
-        config_file: Start with ``-c`` this file (other arguments still apply).
+        store_dir: JetStream store, and the server's working directory; a temporary folder
+            removed on stop when ``None``.
+        jetstream: Enable JetStream (without `config_file`).
+        config_file: Start with ``-c`` this file, which then decides about JetStream;
+            `extra_args` still apply and override it.
         extra_args: More command-line arguments.
         start_timeout: Seconds to wait for "Server is ready".
     """
@@ -105,15 +107,16 @@ class NatsServer:
     def start(self) -> NatsServer:
         """Start the server and block until it accepts connections."""
         args = [find_nats_server()]
+        if self._store_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="mesh-nats-")
+            self._store_dir = Path(self._tmp.name)
         if self._config_file is not None:
-            args += ["-c", str(self._config_file)]
+            # The file decides about JetStream; relative paths in it land in the store dir.
+            args += ["-c", str(Path(self._config_file).resolve())]
         else:
             args += ["-a", self._host, "-p", str(self._port)]
-        if self._jetstream:
-            if self._store_dir is None:
-                self._tmp = tempfile.TemporaryDirectory(prefix="mesh-nats-")
-                self._store_dir = Path(self._tmp.name)
-            args += ["-js", "-sd", str(self._store_dir)]
+            if self._jetstream:
+                args += ["-js", "-sd", str(self._store_dir)]
         args += self._extra_args
         ready = threading.Event()
         self._process = subprocess.Popen(
@@ -122,6 +125,7 @@ class NatsServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            cwd=self._store_dir,
         )
         self._reader = threading.Thread(target=self._read, args=(ready,), daemon=True)
         self._reader.start()

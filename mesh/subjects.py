@@ -164,7 +164,10 @@ class Subjects:
         if len(tokens) < 2:
             raise InvalidIdError(f"{subject!r} has no topic type and source")
         topic_type = ".".join(unescape_token(t) for t in tokens[:-1])
-        return TopicId(topic_type, unescape_token(tokens[-1]))
+        topic = TopicId(topic_type, unescape_token(tokens[-1]))
+        if self.events(topic) != subject:  # e.g. an escaped dot inside a segment
+            raise InvalidIdError(f"{subject!r} is not the canonical subject of {topic}")
+        return topic
 
     def alerts(self, severity: str, rule: str) -> str:
         """``<prefix>.alerts.<severity>.<rule>``."""

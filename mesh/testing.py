@@ -154,8 +154,19 @@ class WorkerProcess:
                 await asyncio.sleep(0.02)
         return process.returncode
 
+    async def aclose(self, timeout: float = 10.0) -> None:
+        """Terminate, then kill if it does not end within `timeout`, without blocking the loop."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.terminate()
+        try:
+            await self.wait(timeout)
+        except TimeoutError:
+            self.kill()
+            await self.wait(timeout)
+
     def stop(self) -> None:
-        """Terminate, then kill if it does not end within 10 s. Idempotent."""
+        """Terminate, then kill if it does not end within 10 s, blocking. Idempotent."""
         if self.process is None or self.process.poll() is not None:
             return
         self.process.send_signal(signal.SIGTERM)

@@ -67,7 +67,7 @@ def connect_config(nats_url: str) -> ConnectConfig:
 
 
 @pytest.fixture
-def spawn_worker(nats_url: str, subjects: Subjects) -> Iterator[type[WorkerProcess]]:
+async def spawn_worker(nats_url: str, subjects: Subjects) -> AsyncIterator[type[WorkerProcess]]:
     """Start `mesh worker` processes for this test's mesh; all are stopped afterwards."""
     started: list[WorkerProcess] = []
 
@@ -86,4 +86,6 @@ def spawn_worker(nats_url: str, subjects: Subjects) -> Iterator[type[WorkerProce
 
     yield spawn  # type: ignore[misc]
     for process in started:
-        process.stop()
+        process.terminate()
+    for process in started:
+        await process.aclose()

@@ -74,9 +74,12 @@ async def mesh(nats_url: str) -> AsyncIterator[Mesh]:
             Gateway(nc, subjects, GatewayConfig(default_timeout=10, max_payload=MAX_PAYLOAD)) as gw,
         ):
             await eventually(lambda: gw.directory.live_workers("echo"), timeout=15)
-            yield Mesh(subjects, nc, MeshClient(nc, subjects=subjects), worker_id)
+            try:
+                yield Mesh(subjects, nc, MeshClient(nc, subjects=subjects), worker_id)
+            finally:
+                await process.aclose()  # while the registry still takes its goodbye
     finally:
-        process.stop()
+        await process.aclose()
         await nc.drain()
 
 
@@ -165,9 +168,7 @@ async def test_missing_message_type_with_several_handlers_gets_400(mesh: Mesh) -
 
 
 async def test_unsupported_content_type_gets_400(mesh: Mesh) -> None:
-    reply = await mesh.request(
-        mesh.rpc("echo", "a"), b"hi", headers={"Content-Type": "text/plain"}
-    )
+    reply = await mesh.request(mesh.rpc("echo", "a"), b"hi", headers={"Content-Type": "text/plain"})
     assert_error(reply, 400, "UnsupportedContentType")
 
 
@@ -200,7 +201,9 @@ async def test_handler_that_raises_gets_500_without_traceback(mesh: Mesh) -> Non
     assert "RuntimeError: disk on fire" in error["message"]
     assert "Traceback" not in reply.data.decode()
     with pytest.raises(HandlerError, match="disk on fire"):
-        await mesh.client.call(AgentId("sleeper", "a"), {"reason": "disk on fire"}, message_type="Boom")
+        await mesh.client.call(
+            AgentId("sleeper", "a"), {"reason": "disk on fire"}, message_type="Boom"
+        )
 
 
 async def test_reply_that_misses_the_deadline_gets_504_on_time(mesh: Mesh) -> None:
