@@ -86,15 +86,31 @@ class ActivationTable:
 
     async def run(self, agent_id: AgentId, work: Callable[[Agent], Awaitable[T]]) -> T:
         """Run `work` on the agent's instance, alone in its mailbox."""
-        activation = await self._activation(agent_id)
-        activation.pending += 1
-        try:
-            async with activation.mailbox:
+        while True:
+            activation = await self._activation(agent_id)
+            activation.pending += 1
+            try:
+                async with activation.mailbox:
+                    if self._active.get(agent_id) is not activation:
+                        continue  # deactivated while this message waited: use a fresh one
+                    activation.last_used = time.monotonic()
+                    return await work(activation.agent)
+            finally:
+                activation.pending -= 1
                 activation.last_used = time.monotonic()
-                return await work(activation.agent)
-        finally:
-            activation.pending -= 1
-            activation.last_used = time.monotonic()
+
+    async def deactivate(self, agent_id: AgentId) -> bool:
+        """Deactivate one agent once its current message is done; ``False`` if not active.
+
+        Messages that were waiting for it run on a fresh activation.
+        """
+        activation = self._active.get(agent_id)
+        if activation is None:
+            return False
+        async with activation.mailbox:
+            if self._active.get(agent_id) is activation:
+                await self._deactivate(agent_id)
+        return True
 
     async def evict_idle(self, idle_timeout: float) -> int:
         """Deactivate agents unused for `idle_timeout` seconds; return how many."""

@@ -44,5 +44,4 @@ class RoundRobinBalancer:
         self._counter = itertools.count()
 
     def choose(self, agent_id: AgentId, candidates: Sequence[WorkerRecord]) -> WorkerRecord:
-        ordered = sorted(candidates, key=lambda record: record.id)
-        return ordered[next(self._counter) % len(ordered)]
+        return candidates[next(self._counter) % len(candidates)]

@@ -62,8 +62,11 @@ class WorkerDirectory:
         self._subjects = subjects
         self._config = config or RegistryConfig()
         self._workers: dict[str, WorkerRecord] = {}
+        self._hosts: dict[str, dict[str, WorkerRecord]] = defaultdict(dict)
         self._types: dict[str, dict[str, TypeRecord]] = defaultdict(dict)
         self._suspects: dict[str, float] = {}
+        #: How often a forward found a worker gone before the registry said so.
+        self.suspected = 0
         self._worker_mirror: KvMirror | None = None
         self._type_mirror: KvMirror | None = None
 
@@ -82,8 +85,15 @@ class WorkerDirectory:
                 await mirror.aclose()
 
     def _worker_changed(self, key: str, entry: MirroredEntry | None) -> None:
+        previous = self._workers.pop(key, None)
+        if previous is not None:
+            for agent_type in previous.agent_types:
+                hosts = self._hosts.get(agent_type)
+                if hosts is not None:
+                    hosts.pop(key, None)
+                    if not hosts:
+                        del self._hosts[agent_type]
         if entry is None:
-            self._workers.pop(key, None)
             self._suspects.pop(key, None)
             return
         try:
@@ -92,6 +102,8 @@ class WorkerDirectory:
             logger.warning("ignoring malformed worker record %r", key)
             return
         self._workers[key] = record
+        for agent_type in record.agent_types:
+            self._hosts[agent_type][key] = record
         # A fresh heartbeat outweighs a failed forward seen earlier.
         self._suspects.pop(key, None)
 
@@ -126,14 +138,20 @@ class WorkerDirectory:
     def mark_suspect(self, worker_id: str) -> None:
         """Skip `worker_id` until it heartbeats again: a forward found nobody there."""
         self._suspects[worker_id] = time.monotonic()
+        self.suspected += 1
 
     # Lookups
 
     def knows_type(self, agent_type: str) -> bool:
         """Whether any worker, alive or not, has registered `agent_type`."""
-        return bool(self._types.get(agent_type)) or any(
-            agent_type in record.agent_types for record in self._workers.values()
-        )
+        return bool(self._types.get(agent_type)) or agent_type in self._hosts
+
+    def is_stateless(self, agent_type: str) -> bool:
+        """Whether every registration of `agent_type` declares it stateless."""
+        registrations = self._types.get(agent_type)
+        if not registrations:
+            return False
+        return all(r.capabilities.stateless for r in registrations.values())
 
     def worker(self, worker_id: str) -> WorkerRecord | None:
         return self._workers.get(worker_id)
@@ -145,11 +163,11 @@ class WorkerDirectory:
     def live_workers(self, agent_type: str | None = None) -> list[WorkerRecord]:
         """Workers that take new requests (for `agent_type`): alive, healthy, not suspect."""
         now = datetime.now(UTC)
+        pool = self._workers if agent_type is None else self._hosts.get(agent_type, {})
         return [
             record
-            for record in self.workers()
-            if (agent_type is None or agent_type in record.agent_types)
-            and record.status == "healthy"
+            for record in pool.values()
+            if record.status == "healthy"
             and record.id not in self._suspects
             and self.is_live(record, now)
         ]

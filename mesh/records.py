@@ -65,6 +65,9 @@ class TypeRecord(BaseModel):
     capabilities: AgentTypeSpec
     metadata: dict[str, str] = Field(default_factory=dict)
     registered_at: datetime = Field(default_factory=utcnow)
+    refreshed_at: datetime = Field(
+        default_factory=utcnow, description="last rewrite; the entry lapses a retention after"
+    )
 
 
 class RegisterRequest(BaseModel):
@@ -86,6 +89,17 @@ class RegistrationReply(BaseModel):
 
     revision: int
     ttl: float
+
+
+class DeactivateRequest(BaseModel):
+    """Body of ``mesh.worker.<id>.ctl.deactivate``: the agent to drop from memory."""
+
+    type: str
+    key: str
+
+
+class DeactivateReply(BaseModel):
+    deactivated: bool
 
 
 class DeregisterRequest(BaseModel):

@@ -28,7 +28,7 @@ from nats.aio.msg import Msg
 
 from mesh import __version__
 from mesh._activations import ActivationTable
-from mesh._control import control_request, model_reply
+from mesh._control import control_request, model_reply, read_request
 from mesh._micro import MicroService, Reply
 from mesh._wire import (
     CONTENT_TYPE,
@@ -49,12 +49,15 @@ from mesh.errors import (
     HandlerError,
     InvalidIdError,
     MeshError,
+    NoWorkerAvailableError,
     UnknownMessageTypeError,
     WorkerNotRegisteredError,
 )
 from mesh.ids import AgentId
 from mesh.records import (
     AgentTypeSpec,
+    DeactivateReply,
+    DeactivateRequest,
     DeregisterRequest,
     HeartbeatRequest,
     RegisterRequest,
@@ -175,8 +178,19 @@ class Worker:
         await self._service.add_endpoint(
             "drain", subject=self._subjects.worker_ctl(self.id, "drain"), handler=self._drain
         )
+        await self._service.add_endpoint(
+            "deactivate",
+            subject=self._subjects.worker_ctl(self.id, "deactivate"),
+            handler=self._deactivate,
+        )
         await self._service.start()
-        await self._register(self._config.register_timeout)
+        try:
+            await self._register(self._config.register_timeout)
+        except BaseException:
+            await self._service.stop(0)
+            self._state = "stopped"
+            self._stopped.set()
+            raise
         self._tasks = [
             asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat:{self.id}"),
             asyncio.create_task(self._eviction_loop(), name=f"evict:{self.id}"),
@@ -286,17 +300,24 @@ class Worker:
         subject = self._subjects.service("registry", "register")
         request = RegisterRequest(worker=self._record(), types=self._type_specs())
         delay = 0.05
-        async with asyncio.timeout(timeout):
-            while True:
-                try:
-                    reply = await control_request(
-                        self._nc, subject, request, RegistrationReply, timeout=CONTROL_TIMEOUT
-                    )
-                    break
-                except MeshError as exc:
-                    logger.info("worker %s waiting for a registry: %s", self.id, exc)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 1.0)
+        last_error: MeshError | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        reply = await control_request(
+                            self._nc, subject, request, RegistrationReply, timeout=CONTROL_TIMEOUT
+                        )
+                        break
+                    except (NoWorkerAvailableError, DeadlineExceededError) as exc:
+                        last_error = exc
+                        logger.info("worker %s waiting for a registry: %s", self.id, exc)
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 1.0)
+        except TimeoutError:
+            raise NoWorkerAvailableError(
+                f"no registry accepted worker {self.id} within {timeout:g}s: {last_error}"
+            ) from None
         assert reply is not None
         self._revision = reply.revision
 
@@ -368,6 +389,8 @@ class Worker:
             return reply
         except MeshError as exc:
             exc.request_id = exc.request_id or request_id
+            # The caller's mistakes (4xx) say nothing about this worker's health.
+            failed = exc.code >= 500
             raise
         finally:
             self._load.record(asyncio.get_running_loop().time() - started, failed)
@@ -415,6 +438,12 @@ class Worker:
 
     async def _stats(self, msg: Msg) -> Reply:
         return model_reply(msg, self._record())
+
+    async def _deactivate(self, msg: Msg) -> Reply:
+        request = read_request(msg, DeactivateRequest)
+        agent_id = AgentId(request.type, request.key)
+        found = await self._activations.deactivate(agent_id)
+        return model_reply(msg, DeactivateReply(deactivated=found))
 
     async def _drain(self, msg: Msg) -> Reply:
         self.request_stop()

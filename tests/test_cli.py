@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
+from pathlib import Path
 
+import nats
 import orjson
+import pytest
 from nats.aio.client import Client as NATS
 
+from mesh import AgentId, AgentTypeNotFoundError, MeshClient
 from mesh.handlers.gateway import Gateway
 from mesh.subjects import Subjects
 from mesh.testing import eventually
@@ -84,3 +89,92 @@ async def test_worker_command_refuses_a_bad_agent_spec(nats_url: str, subjects: 
     code, _, err = await _mesh(nats_url, subjects, "worker", "workers.echo:Ping")
     assert code == 1
     assert "not an Agent subclass" in err
+
+
+async def test_example_worker_module_runs_and_stops_on_sigterm(
+    nats_url: str, nc: NATS, subjects: Subjects, gateway: Gateway
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "workers.echo",
+        "--nats",
+        nats_url,
+        "--prefix",
+        subjects.prefix,
+        "--worker-id",
+        "module-worker",
+        "--heartbeat-interval",
+        "0.3",
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        await eventually(lambda: live_worker_ids(nc, subjects, "echo"), timeout=15)
+        await eventually(lambda: gateway.directory.live_workers("echo"), timeout=5)
+        client = MeshClient(nc, subjects=subjects)
+        reply = await client.call(AgentId("echo", "m"), {"text": "hi"})
+        assert reply["worker"] == "module-worker"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            assert await process.wait() == 0
+
+
+async def test_serve_runs_services_in_their_own_process(
+    nats_url: str, nc: NATS, subjects: Subjects, spawn_worker: type
+) -> None:
+    services = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mesh.cli",
+        "--nats",
+        nats_url,
+        "--prefix",
+        subjects.prefix,
+        "serve",
+        "registry",
+        "gateway",
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        spawn_worker("workers.counter:Counter", worker_id="served")
+        client = MeshClient(nc, subjects=subjects)
+
+        async def counted() -> dict[str, object]:
+            return await client.call(AgentId("counter", "s"), {}, message_type="GetCount")
+
+        reply = await eventually(counted, timeout=20)
+        assert reply == {"key": "s", "value": 0, "worker": "served"}
+    finally:
+        services.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            assert await services.wait() == 0
+
+
+async def test_up_embeds_nats_and_stops_cleanly(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MESH_NATS_URL"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mesh.cli",
+        "up",
+        "--data-dir",
+        str(tmp_path),
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(20):
+            line = (await process.stdout.readline()).decode()
+        assert line.startswith("mesh is up on nats://127.0.0.1:")
+        url = line.split()[4]
+        async with MeshClient(await nats.connect(url)) as client:
+            client._owns_connection = True
+            with pytest.raises(AgentTypeNotFoundError):
+                await client.call(AgentId("echo", "x"), {"text": "hi"})
+        assert (tmp_path / "jetstream").is_dir()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            assert await process.wait() == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import orjson
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -14,6 +15,8 @@ from mesh.subjects import Subjects
 from mesh.testing import eventually
 from tests import agents
 from tests.agents import Recorder
+from tests.helpers import assert_error
+from workers.counter import Counter
 
 
 @pytest.fixture
@@ -21,7 +24,7 @@ async def worker(nc: NATS, subjects: Subjects, gateway: Gateway) -> AsyncIterato
     agents.PEAK_CONCURRENCY.clear()
     agents.RUNNING_TOTAL[:] = [0, 0]
     config = WorkerConfig(worker_id="mailbox", heartbeat_interval=0.5)
-    async with Worker(nc, [Recorder], config, subjects) as running:
+    async with Worker(nc, [Recorder, Counter], config, subjects) as running:
         await eventually(lambda: gateway.directory.live_workers("recorder"), timeout=5)
         yield running
 
@@ -53,3 +56,40 @@ async def test_different_agents_run_concurrently(
     # Serial would be 16 x 0.3 s; per-agent mailboxes in parallel take about 2 x 0.3 s.
     assert elapsed < 8 * 0.3, f"took {elapsed:.2f}s"
     assert worker.activations == len(keys)
+
+
+async def test_deactivated_agent_comes_back_fresh_on_its_next_message(
+    nc: NATS, subjects: Subjects, worker: Worker
+) -> None:
+    client = MeshClient(nc, subjects=subjects)
+    target = AgentId("counter", "amnesiac")
+    for _ in range(3):
+        await client.call(target, {"by": 1}, message_type="Increment")
+    ctl = subjects.worker_ctl("mailbox", "deactivate")
+    reply = await nc.request(ctl, b'{"type": "counter", "key": "amnesiac"}', timeout=2)
+    assert orjson.loads(reply.data) == {"deactivated": True}
+    assert (await client.call(target, {}, message_type="GetCount"))["value"] == 0
+
+    reply = await nc.request(ctl, b'{"type": "counter", "key": "never-seen"}', timeout=2)
+    assert orjson.loads(reply.data) == {"deactivated": False}
+    reply = await nc.request(ctl, b'{"type": "counter"}', timeout=2)
+    assert_error(reply, 400, "InvalidPayload")
+    reply = await nc.request(ctl, b'{"type": "counter", "key": ""}', timeout=2)
+    assert_error(reply, 400, "InvalidId")
+
+
+async def test_messages_waiting_for_a_deactivated_agent_run_on_a_fresh_one(
+    nc: NATS, subjects: Subjects, worker: Worker
+) -> None:
+    client = MeshClient(nc, subjects=subjects)
+    target = AgentId("recorder", "busy")
+    first = asyncio.create_task(client.call(target, {"seconds": 0.3}))
+    await eventually(lambda: agents.RUNNING["busy"] == 1, timeout=2)
+    queued = asyncio.create_task(client.call(target, {"seconds": 0.0}))
+    ctl = subjects.worker_ctl("mailbox", "deactivate")
+    reply = await nc.request(ctl, b'{"type": "recorder", "key": "busy"}', timeout=5)
+    assert orjson.loads(reply.data) == {"deactivated": True}
+    assert (await first)["concurrent"] == 1
+    assert (await queued)["concurrent"] == 1
+    assert agents.PEAK_CONCURRENCY["busy"] == 1
+    assert worker.activations == 1  # the fresh instance the queued message created

@@ -119,10 +119,7 @@ class Gateway:
         await self.shutdown()
 
     def _balancer_for(self, agent_type: str) -> Balancer:
-        registrations = self.directory.type_registrations().get(agent_type, {})
-        if registrations and all(r.capabilities.stateless for r in registrations.values()):
-            return self._spread
-        return self._sticky
+        return self._spread if self.directory.is_stateless(agent_type) else self._sticky
 
     def _candidates(self, agent_id: AgentId, tried: set[str]) -> list[WorkerRecord]:
         live = self.directory.live_workers(agent_id.type)

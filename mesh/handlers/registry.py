@@ -163,6 +163,7 @@ class Registry:
                     capabilities=spec,
                     metadata=spec.metadata,
                     registered_at=now,
+                    refreshed_at=now,
                 ),
             )
         revision = await put_with_ttl(
@@ -201,9 +202,9 @@ class Registry:
         stale_before = datetime.now(UTC) - timedelta(seconds=self._config.type_retention / 2)
         for name in record.agent_types:
             existing = registrations.get(name, {}).get(record.id)
-            if existing is not None and existing.registered_at < stale_before:
+            if existing is not None and existing.refreshed_at < stale_before:
                 await self._put_type(
-                    record.id, existing.model_copy(update={"registered_at": datetime.now(UTC)})
+                    record.id, existing.model_copy(update={"refreshed_at": datetime.now(UTC)})
                 )
 
     async def _deregister(self, msg: Msg) -> Reply:
