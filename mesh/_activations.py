@@ -1,4 +1,9 @@
-"""Agent activations on one worker: lazy creation, a mailbox per agent, idle eviction."""
+"""Agent activations on one worker: lazy creation, a mailbox per agent, deactivation.
+
+At most one instance of an agent exists on a worker at any time, including while one
+is being deactivated: a message that arrives then waits until ``on_deactivate`` has
+returned and runs on a fresh instance.
+"""
 
 from __future__ import annotations
 
@@ -23,16 +28,18 @@ class Activation:
     """One live agent instance and its mailbox.
 
     The mailbox is a FIFO lock: messages for one agent run one at a time, in the order
-    they arrived; messages for different agents do not wait for each other.
+    they arrived; messages for different agents do not wait for each other. A retired
+    activation runs no more messages: those waiting move to the next instance.
     """
 
-    __slots__ = ("agent", "last_used", "mailbox", "pending")
+    __slots__ = ("agent", "last_used", "mailbox", "pending", "retired")
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self.mailbox = asyncio.Lock()
         self.last_used = time.monotonic()
         self.pending = 0
+        self.retired = False
 
     @property
     def busy(self) -> bool:
@@ -54,6 +61,7 @@ class ActivationTable:
         self._client = client
         self._active: dict[AgentId, Activation] = {}
         self._creating: dict[AgentId, asyncio.Future[Activation]] = {}
+        self._deactivating: dict[AgentId, asyncio.Future[None]] = {}
 
     def __len__(self) -> int:
         return len(self._active)
@@ -61,13 +69,26 @@ class ActivationTable:
     def agent_class(self, agent_type: str) -> type[Agent] | None:
         return self._classes.get(agent_type)
 
+    def pending(self, agent_id: AgentId) -> int:
+        """Messages for `agent_id` running or waiting in its mailbox."""
+        activation = self._active.get(agent_id)
+        return activation.pending if activation else 0
+
     async def _activation(self, agent_id: AgentId) -> Activation:
-        found = self._active.get(agent_id)
-        if found is not None:
-            return found
-        creating = self._creating.get(agent_id)
-        if creating is not None:
-            return await asyncio.shield(creating)
+        while True:
+            found = self._active.get(agent_id)
+            if found is not None:
+                return found
+            leaving = self._deactivating.get(agent_id)
+            if leaving is not None:
+                await asyncio.shield(leaving)
+                continue
+            creating = self._creating.get(agent_id)
+            if creating is not None:
+                return await asyncio.shield(creating)
+            return await self._create(agent_id)
+
+    async def _create(self, agent_id: AgentId) -> Activation:
         future: asyncio.Future[Activation] = asyncio.get_running_loop().create_future()
         self._creating[agent_id] = future
         try:
@@ -91,48 +112,56 @@ class ActivationTable:
             activation.pending += 1
             try:
                 async with activation.mailbox:
-                    if self._active.get(agent_id) is not activation:
-                        continue  # deactivated while this message waited: use a fresh one
+                    if activation.retired:
+                        continue  # deactivated while this message waited: use the next one
                     activation.last_used = time.monotonic()
                     return await work(activation.agent)
             finally:
                 activation.pending -= 1
                 activation.last_used = time.monotonic()
 
-    async def deactivate(self, agent_id: AgentId) -> bool:
-        """Deactivate one agent once its current message is done; ``False`` if not active.
+    async def deactivate(self, agent_id: AgentId, *, idle_since: float | None = None) -> bool:
+        """Deactivate one agent once its current message is done.
 
-        Messages that were waiting for it run on a fresh activation.
+        Messages waiting for it run on a fresh instance, created after ``on_deactivate``
+        has returned. With `idle_since` (a `time.monotonic` value), only an agent that
+        has been idle since then is deactivated.
+
+        Returns:
+            Whether the agent was deactivated.
         """
         activation = self._active.get(agent_id)
         if activation is None:
             return False
-        async with activation.mailbox:
-            if self._active.get(agent_id) is activation:
-                await self._deactivate(agent_id)
+        if idle_since is not None and (activation.busy or activation.last_used >= idle_since):
+            return False
+        activation.retired = True
+        del self._active[agent_id]
+        leaving: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._deactivating[agent_id] = leaving
+        try:
+            async with activation.mailbox:  # the message running now finishes first
+                await activation.agent.on_deactivate()
+        except Exception:
+            logger.exception("on_deactivate of %s failed", agent_id)
+        finally:
+            del self._deactivating[agent_id]
+            leaving.set_result(None)
         return True
 
     async def evict_idle(self, idle_timeout: float) -> int:
         """Deactivate agents unused for `idle_timeout` seconds; return how many."""
         cutoff = time.monotonic() - idle_timeout
-        idle = [
+        candidates = [
             agent_id
             for agent_id, activation in self._active.items()
             if not activation.busy and activation.last_used < cutoff
         ]
-        for agent_id in idle:
-            await self._deactivate(agent_id)
-        return len(idle)
+        evicted = 0
+        for agent_id in candidates:
+            evicted += await self.deactivate(agent_id, idle_since=cutoff)
+        return evicted
 
     async def deactivate_all(self) -> None:
         for agent_id in list(self._active):
-            await self._deactivate(agent_id)
-
-    async def _deactivate(self, agent_id: AgentId) -> None:
-        activation = self._active.pop(agent_id, None)
-        if activation is None:
-            return
-        try:
-            await activation.agent.on_deactivate()
-        except Exception:
-            logger.exception("on_deactivate of %s failed", agent_id)
+            await self.deactivate(agent_id)

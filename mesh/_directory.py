@@ -3,6 +3,11 @@
 The registry service and every gateway hold one `WorkerDirectory`: a watch on
 ``mesh-workers`` and one on ``mesh-types`` keep it current, so a lookup on the
 hot path is a dictionary read, and replicas share nothing but KV.
+
+Liveness is judged on this process's own monotonic clock: a worker is alive while
+its last heartbeat reached this process less than ``missed_heartbeats`` intervals
+ago. No clock of another host is compared with ours, so skew between hosts does not
+matter; only entries found at start-up are aged by their ``last_heartbeat`` field.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class WorkerDirectory:
         self._subjects = subjects
         self._config = config or RegistryConfig()
         self._workers: dict[str, WorkerRecord] = {}
+        self._seen: dict[str, float] = {}
+        self._loaded = False
         self._hosts: dict[str, dict[str, WorkerRecord]] = defaultdict(dict)
         self._types: dict[str, dict[str, TypeRecord]] = defaultdict(dict)
         self._suspects: dict[str, float] = {}
@@ -78,6 +85,7 @@ class WorkerDirectory:
         self._type_mirror = KvMirror(types_kv, on_change=self._type_changed)
         await self._worker_mirror.start()
         await self._type_mirror.start()
+        self._loaded = True
 
     async def aclose(self) -> None:
         for mirror in (self._worker_mirror, self._type_mirror):
@@ -95,6 +103,7 @@ class WorkerDirectory:
                         del self._hosts[agent_type]
         if entry is None:
             self._suspects.pop(key, None)
+            self._seen.pop(key, None)
             return
         try:
             record = WorkerRecord.model_validate_json(entry.value)
@@ -102,6 +111,7 @@ class WorkerDirectory:
             logger.warning("ignoring malformed worker record %r", key)
             return
         self._workers[key] = record
+        self._seen[key] = self._arrival(record)
         for agent_type in record.agent_types:
             self._hosts[agent_type][key] = record
         # A fresh heartbeat outweighs a failed forward seen earlier.
@@ -131,9 +141,21 @@ class WorkerDirectory:
         """Seconds after its last heartbeat that a worker still counts as alive."""
         return record.heartbeat_interval * self._config.missed_heartbeats
 
-    def is_live(self, record: WorkerRecord, now: datetime | None = None) -> bool:
-        now = now or datetime.now(UTC)
-        return (now - record.last_heartbeat).total_seconds() <= self.liveness_window(record)
+    def _arrival(self, record: WorkerRecord) -> float:
+        """When, on our monotonic clock, this heartbeat counts as received."""
+        now = time.monotonic()
+        if self._loaded:
+            return now
+        # Found at start-up: it may be old. Age it by the writer's clock, at most one window.
+        age = (datetime.now(UTC) - record.last_heartbeat).total_seconds()
+        return now - min(max(age, 0.0), self.liveness_window(record) + 1.0)
+
+    def is_live(self, record: WorkerRecord) -> bool:
+        """Whether `record`'s worker heartbeated recently enough, as this process saw it."""
+        seen = self._seen.get(record.id)
+        if seen is None:
+            return False
+        return time.monotonic() - seen <= self.liveness_window(record)
 
     def mark_suspect(self, worker_id: str) -> None:
         """Skip `worker_id` until it heartbeats again: a forward found nobody there."""
@@ -162,14 +184,13 @@ class WorkerDirectory:
 
     def live_workers(self, agent_type: str | None = None) -> list[WorkerRecord]:
         """Workers that take new requests (for `agent_type`): alive, healthy, not suspect."""
-        now = datetime.now(UTC)
         pool = self._workers if agent_type is None else self._hosts.get(agent_type, {})
         return [
             record
             for record in pool.values()
             if record.status == "healthy"
             and record.id not in self._suspects
-            and self.is_live(record, now)
+            and self.is_live(record)
         ]
 
     def type_registrations(self) -> dict[str, dict[str, TypeRecord]]:

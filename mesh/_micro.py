@@ -3,9 +3,14 @@
 nats-py's own micro endpoints run one request at a time, which serialises a
 gateway and deadlocks nested calls. `MicroService` speaks the same discovery
 protocol (``$SRV.PING``, ``$SRV.INFO``, ``$SRV.STATS``, so ``nats micro ls`` sees
-it) but runs each request in its own owned task, bounded per endpoint, and
-drains in-flight requests on shutdown. Handlers return ``(body, headers)`` or
-raise `MeshError`; either way the caller gets an answer.
+it) but runs each request in its own owned task and drains in-flight requests on
+shutdown. Handlers return ``(body, headers)`` or raise `MeshError`; either way the
+caller gets an answer.
+
+The subscription never waits: a request that arrives while an endpoint already has
+``max_in_flight`` requests running is answered 503 at once. Waiting instead would
+let requests that are themselves waiting on nested requests (an agent calling an
+agent) hold every slot while the nested ones queue behind them.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ Reply = tuple[bytes, dict[str, str] | None]
 Handler = Callable[[Msg], Awaitable[Reply]]
 
 SRV_PREFIX = "$SRV"
+#: Bound on handing over the messages the server sent before an unsubscribe.
+DRAIN_SUBSCRIPTION_TIMEOUT = 5.0
 
 
 class _Endpoint:
@@ -52,7 +59,7 @@ class _Endpoint:
         subject: str,
         handler: Handler,
         queue_group: str | None,
-        max_concurrency: int,
+        max_in_flight: int,
         metadata: dict[str, str] | None,
     ) -> None:
         self.service = service
@@ -61,7 +68,7 @@ class _Endpoint:
         self.handler = handler
         self.queue_group = queue_group
         self.metadata = metadata or {}
-        self.slots = asyncio.Semaphore(max_concurrency)
+        self.max_in_flight = max_in_flight
         self.tasks: set[asyncio.Task[None]] = set()
         self.subscription: Subscription | None = None
         self.num_requests = 0
@@ -75,15 +82,17 @@ class _Endpoint:
         )
 
     async def _dispatch(self, msg: Msg) -> None:
-        # Backpressure: when every slot is taken, the subscription waits here.
-        await self.slots.acquire()
+        if len(self.tasks) >= self.max_in_flight:
+            self.num_requests += 1
+            overloaded = NoWorkerAvailableError(
+                f"{self.service.name} is at its limit of {self.max_in_flight} requests in flight"
+            )
+            self._count_error(overloaded)
+            await self._respond(msg, *error_reply(overloaded, msg.headers))
+            return
         task = asyncio.create_task(self._serve(msg), name=f"{self.service.name}:{self.name}")
         self.tasks.add(task)
-        task.add_done_callback(self._finished)
-
-    def _finished(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        self.slots.release()
+        task.add_done_callback(self.tasks.discard)
 
     async def _serve(self, msg: Msg) -> None:
         started = time.perf_counter_ns()
@@ -122,11 +131,16 @@ class _Endpoint:
             logger.warning("could not reply on %s", msg.reply, exc_info=True)
 
     async def stop_taking_work(self) -> None:
-        """Stop receiving; requests already received still run."""
+        """Stop receiving; requests already received still run.
+
+        Draining only hands what the server already sent to `_dispatch`, which never
+        waits, so it ends promptly.
+        """
         if self.subscription is not None:
             sub, self.subscription = self.subscription, None
             with contextlib.suppress(Exception):
-                await sub.drain()  # type: ignore[no-untyped-call]
+                async with asyncio.timeout(DRAIN_SUBSCRIPTION_TIMEOUT):
+                    await sub.drain()  # type: ignore[no-untyped-call]
 
     def info(self) -> EndpointInfo:
         return EndpointInfo(
@@ -188,17 +202,17 @@ class MicroService:
         subject: str,
         handler: Handler,
         queue_group: str | None = None,
-        max_concurrency: int = 256,
+        max_in_flight: int = 10_000,
         metadata: dict[str, str] | None = None,
     ) -> None:
-        """Serve `subject` with `handler`, at most `max_concurrency` requests at a time."""
+        """Serve `subject` with `handler`; beyond `max_in_flight` requests, answer 503."""
         endpoint = _Endpoint(
             self,
             name=name,
             subject=subject,
             handler=handler,
             queue_group=queue_group,
-            max_concurrency=max_concurrency,
+            max_in_flight=max_in_flight,
             metadata=metadata,
         )
         await endpoint.start()

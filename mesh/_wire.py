@@ -148,6 +148,7 @@ def error_from_reply(data: bytes, headers: Mapping[str, str] | None) -> MeshErro
         wire_type = detail.get("type")
         request_id = detail.get("request_id") or request_id
     cls = error_class(code, wire_type)
+    error: MeshError
     if cls is RateLimitedError:
         retry_ms = headers.get(RETRY_AFTER_MS)
         retry_after = (
@@ -155,7 +156,8 @@ def error_from_reply(data: bytes, headers: Mapping[str, str] | None) -> MeshErro
             if retry_ms and retry_ms.isascii() and retry_ms.isdigit()
             else None
         )
-        return RateLimitedError(message, retry_after=retry_after, request_id=request_id)
-    if cls is DecodeError:
-        return DecodeError(message, request_id=request_id)
-    return cls(message, request_id=request_id)
+        error = RateLimitedError(message, retry_after=retry_after, request_id=request_id)
+    else:
+        error = cls(message, request_id=request_id)
+    error.remote = True
+    return error

@@ -146,7 +146,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         worker_id=args.worker_id or base.worker_id,
         heartbeat_interval=args.heartbeat_interval or base.heartbeat_interval,
-        max_concurrency=args.concurrency or base.max_concurrency,
+        max_in_flight=args.max_in_flight or base.max_in_flight,
         drain_timeout=args.drain_timeout or base.drain_timeout,
         idle_timeout=base.idle_timeout,
         register_timeout=base.register_timeout,
@@ -225,7 +225,9 @@ async def cmd_bench(args: argparse.Namespace) -> int:
 def add_worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-id", help="stable worker id (default: host-pid-random)")
     parser.add_argument("--heartbeat-interval", type=float, help="seconds between heartbeats")
-    parser.add_argument("--concurrency", type=int, help="requests served at once")
+    parser.add_argument(
+        "--max-in-flight", type=int, help="requests held at once; more are answered 503"
+    )
     parser.add_argument("--drain-timeout", type=float, help="seconds in-flight work may finish")
 
 

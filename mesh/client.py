@@ -23,7 +23,12 @@ from mesh._wire import (
 )
 from mesh.codec import JSON_CODEC, Codec, codec_for, decode, decode_plain, encode
 from mesh.config import ConnectConfig
-from mesh.errors import DeadlineExceededError, MeshConnectionError, NoWorkerAvailableError
+from mesh.errors import (
+    DeadlineExceededError,
+    MeshConnectionError,
+    MeshError,
+    NoWorkerAvailableError,
+)
 from mesh.ids import AgentId
 from mesh.subjects import Subjects
 
@@ -31,6 +36,11 @@ M = TypeVar("M", bound=BaseModel)
 
 #: How much longer than the deadline the client waits, to receive the gateway's own 504.
 REPLY_GRACE = 0.5
+
+
+def _remote(error: MeshError) -> MeshError:
+    error.remote = True
+    return error
 
 
 class MeshClient:
@@ -147,17 +157,21 @@ class MeshClient:
                 headers=request_headers,
             )
         except NoRespondersError:
-            raise NoWorkerAvailableError(
-                f"no gateway is serving {self._subjects.rpc_all}",
-                request_id=request_headers[REQUEST_ID],
+            raise _remote(
+                NoWorkerAvailableError(
+                    f"no gateway is serving {self._subjects.rpc_all}",
+                    request_id=request_headers[REQUEST_ID],
+                )
             ) from None
         except (TimeoutError, NatsTimeoutError):
-            raise DeadlineExceededError(
-                f"no reply from {target} within {deadline:g}s",
-                request_id=request_headers[REQUEST_ID],
+            raise _remote(
+                DeadlineExceededError(
+                    f"no reply from {target} within {deadline:g}s",
+                    request_id=request_headers[REQUEST_ID],
+                )
             ) from None
         except Exception as exc:
-            raise MeshConnectionError(f"request to {target} failed: {exc}") from exc
+            raise _remote(MeshConnectionError(f"request to {target} failed: {exc}")) from exc
         error = error_from_reply(reply.data, reply.headers)
         if error is not None:
             raise error

@@ -98,13 +98,13 @@ class GatewayConfig:
         default_timeout: Deadline of a request that sets no ``Mesh-Timeout-Ms``.
         max_timeout: The longest deadline a caller may ask for.
         max_payload: Largest request body in bytes; larger ones get 413.
-        max_concurrency: Requests one gateway serves at once before it pushes back.
+        max_in_flight: Requests one gateway holds at once; more are answered 503 at once.
     """
 
     default_timeout: float = 30.0
     max_timeout: float = 300.0
     max_payload: int = 1024 * 1024
-    max_concurrency: int = 1024
+    max_in_flight: int = 10_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> GatewayConfig:
@@ -113,7 +113,7 @@ class GatewayConfig:
             default_timeout=_float(env, "MESH_DEFAULT_TIMEOUT", default.default_timeout),
             max_timeout=_float(env, "MESH_MAX_TIMEOUT", default.max_timeout),
             max_payload=_int(env, "MESH_MAX_PAYLOAD", default.max_payload),
-            max_concurrency=_int(env, "MESH_GATEWAY_CONCURRENCY", default.max_concurrency),
+            max_in_flight=_int(env, "MESH_GATEWAY_MAX_IN_FLIGHT", default.max_in_flight),
         )
 
 
@@ -124,7 +124,8 @@ class WorkerConfig:
     Attributes:
         worker_id: Stable id; a fresh one (host, pid, random) when ``None``.
         heartbeat_interval: Seconds between heartbeats to the registry.
-        max_concurrency: Requests served at once across all agents.
+        max_in_flight: Requests one worker holds at once (running, or waiting for their
+            agent's mailbox); more are answered 503 at once. Reported as its capacity.
         drain_timeout: On shutdown, how long in-flight requests may run before cancellation.
         idle_timeout: An activation unused this long is deactivated.
         register_timeout: How long to keep trying to reach a registry at start.
@@ -132,7 +133,7 @@ class WorkerConfig:
 
     worker_id: str | None = None
     heartbeat_interval: float = 2.0
-    max_concurrency: int = 256
+    max_in_flight: int = 1024
     drain_timeout: float = 30.0
     idle_timeout: float = 600.0
     register_timeout: float = 30.0
@@ -143,7 +144,7 @@ class WorkerConfig:
         return cls(
             worker_id=env.get("MESH_WORKER_ID") or None,
             heartbeat_interval=_float(env, "MESH_HEARTBEAT_INTERVAL", default.heartbeat_interval),
-            max_concurrency=_int(env, "MESH_WORKER_CONCURRENCY", default.max_concurrency),
+            max_in_flight=_int(env, "MESH_WORKER_MAX_IN_FLIGHT", default.max_in_flight),
             drain_timeout=_float(env, "MESH_DRAIN_TIMEOUT", default.drain_timeout),
             idle_timeout=_float(env, "MESH_IDLE_TIMEOUT", default.idle_timeout),
             register_timeout=_float(env, "MESH_REGISTER_TIMEOUT", default.register_timeout),

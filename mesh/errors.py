@@ -51,6 +51,8 @@ class MeshError(Exception):
         message: What went wrong, for people.
         code: The protocol error code.
         request_id: The `Mesh-Request-Id` of the request that failed, when known.
+        remote: Whether a call to another agent or service failed with it (an error
+            reply, or no reply), rather than this process raising it.
     """
 
     code: ClassVar[ErrorCode] = ErrorCode.HANDLER_FAILED
@@ -60,6 +62,7 @@ class MeshError(Exception):
         super().__init__(message)
         self.message = message
         self.request_id = request_id
+        self.remote = False
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)

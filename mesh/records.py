@@ -22,7 +22,7 @@ class WorkerLoad(BaseModel):
     """What a worker reports about its load with each heartbeat."""
 
     inflight: int = 0
-    capacity: int = 256
+    capacity: int = 1024
     activations: int = 0
     cpu: float = Field(0.0, description="process CPU use, 1.0 is one full core")
     rss: int = Field(0, description="resident memory in bytes")
@@ -104,6 +104,9 @@ class DeactivateReply(BaseModel):
 
 class DeregisterRequest(BaseModel):
     worker_id: str
+    agent_types: list[str] = Field(
+        default_factory=list, description="types to forget, besides those the registry knows"
+    )
 
 
 class LookupRequest(BaseModel):

@@ -146,6 +146,8 @@ class Worker:
         self._started_at = datetime.now(UTC)
         self._status: WorkerStatus = "healthy"
         self._revision: int | None = None
+        # One heartbeat at a time: two with the same revision would fail each other's CAS.
+        self._heartbeat_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_requested = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -170,7 +172,7 @@ class Worker:
             "rpc",
             subject=self._subjects.worker_rpc_all(self.id),
             handler=self._serve_rpc,
-            max_concurrency=self._config.max_concurrency,
+            max_in_flight=self._config.max_in_flight,
         )
         await self._service.add_endpoint(
             "stats", subject=self._subjects.worker_ctl(self.id, "stats"), handler=self._stats
@@ -231,6 +233,7 @@ class Worker:
             return
         self._state = "stopping"
         try:
+            # Heartbeats go on while draining, so the registry shows "draining", not lapsed.
             self._status = "draining"
             with contextlib.suppress(MeshError):
                 await self._send_heartbeat()
@@ -242,7 +245,7 @@ class Worker:
                 await control_request(
                     self._nc,
                     self._subjects.service("registry", "deregister"),
-                    DeregisterRequest(worker_id=self.id),
+                    DeregisterRequest(worker_id=self.id, agent_types=self.agent_types),
                     None,
                     timeout=CONTROL_TIMEOUT,
                 )
@@ -276,7 +279,7 @@ class Worker:
             started_at=self._started_at,
             heartbeat_interval=self._config.heartbeat_interval,
             load=self._load.snapshot(
-                self._service.in_flight, self._config.max_concurrency, len(self._activations)
+                self._service.in_flight, self._config.max_in_flight, len(self._activations)
             ),
             status=self._status,
             host=socket.gethostname(),
@@ -322,6 +325,10 @@ class Worker:
         self._revision = reply.revision
 
     async def _send_heartbeat(self) -> None:
+        async with self._heartbeat_lock:
+            await self._send_heartbeat_now()
+
+    async def _send_heartbeat_now(self) -> None:
         if self._revision is None:
             await self._register(CONTROL_TIMEOUT)
             return
@@ -388,7 +395,7 @@ class Worker:
             failed = False
             return reply
         except MeshError as exc:
-            exc.request_id = exc.request_id or request_id
+            exc.request_id = request_id
             # The caller's mistakes (4xx) say nothing about this worker's health.
             failed = exc.code >= 500
             raise
@@ -418,23 +425,42 @@ class Worker:
         async def work(agent: Agent) -> Any:
             return await spec.method(agent, message, ctx)
 
+        deadline = asyncio.timeout(timeout)
         try:
-            async with asyncio.timeout(timeout):
+            async with deadline:
                 result = await self._activations.run(agent_id, work)
-        except TimeoutError:
-            raise DeadlineExceededError(f"{agent_id} did not answer within {timeout:g}s") from None
-        except MeshError:
-            raise
+        except TimeoutError as exc:
+            if deadline.expired():
+                raise DeadlineExceededError(
+                    f"{agent_id} did not answer within {timeout:g}s"
+                ) from None
+            raise self._handler_failed(spec, agent_id, request_id, exc) from exc
+        except MeshError as exc:
+            if exc.remote:
+                # A call the handler made failed: that is this handler's failure, not
+                # the caller's 404 or 504.
+                raise self._handler_failed(spec, agent_id, request_id, exc) from exc
+            raise  # raised on purpose, with the code the handler chose
         except Exception as exc:
-            logger.exception(
-                "handler %s of %s failed (request %s)", spec.name, agent_id, request_id
-            )
-            raise HandlerError(f"{type(exc).__name__}: {exc}") from exc
+            raise self._handler_failed(spec, agent_id, request_id, exc) from exc
         try:
             body = encode(result, codec)
         except TypeError as exc:
             raise HandlerError(f"{spec.name} returned what cannot be encoded: {exc}") from exc
         return body, {CONTENT_TYPE: codec.content_type, REQUEST_ID: request_id}
+
+    @staticmethod
+    def _handler_failed(
+        spec: HandlerSpec, agent_id: AgentId, request_id: str, exc: Exception
+    ) -> HandlerError:
+        logger.error(
+            "handler %s of %s failed (request %s)",
+            spec.name,
+            agent_id,
+            request_id,
+            exc_info=exc,
+        )
+        return HandlerError(f"{type(exc).__name__}: {exc}")
 
     async def _stats(self, msg: Msg) -> Reply:
         return model_reply(msg, self._record())

@@ -7,7 +7,8 @@ from collections import defaultdict
 
 from pydantic import BaseModel, Field
 
-from mesh import Agent, MessageContext, handler
+from mesh import Agent, AgentId, ForbiddenError, MessageContext, handler
+from workers.echo import Ping
 
 
 class Nap(BaseModel):
@@ -53,8 +54,21 @@ RUNNING: dict[str, int] = defaultdict(int)
 RUNNING_TOTAL = [0, 0]  # now, peak across all keys
 
 
+#: agent key -> how many instances were created, and their lifecycle events in order.
+INSTANCES: dict[str, int] = defaultdict(int)
+EVENTS: dict[str, list[str]] = defaultdict(list)
+
+
 class Recorder(Agent, agent_type="recorder"):
     """Records how many of its handlers run at once, per key and overall."""
+
+    async def on_activate(self) -> None:
+        INSTANCES[self.id.key] += 1
+        EVENTS[self.id.key].append("activate")
+
+    async def on_deactivate(self) -> None:
+        await asyncio.sleep(0.05)  # a slow goodbye: nobody may start meanwhile
+        EVENTS[self.id.key].append("deactivate")
 
     @handler
     async def visit(self, message: Visit, ctx: MessageContext) -> Overlap:
@@ -69,3 +83,41 @@ class Recorder(Agent, agent_type="recorder"):
         finally:
             RUNNING[key] -= 1
             RUNNING_TOTAL[0] -= 1
+
+
+class Refuse(BaseModel):
+    pass
+
+
+class Impatient(BaseModel):
+    pass
+
+
+class Sulker(Agent, agent_type="sulker"):
+    """Fails on purpose, in the ways a handler can."""
+
+    @handler
+    async def refuse(self, message: Refuse, ctx: MessageContext) -> None:
+        raise ForbiddenError("sulker talks to nobody")
+
+    @handler
+    async def impatient(self, message: Impatient, ctx: MessageContext) -> None:
+        # The handler's own timeout: a failure of the handler, not the caller's deadline.
+        await asyncio.wait_for(asyncio.sleep(5), timeout=0.01)
+
+
+class Forward(BaseModel):
+    agent_type: str
+    key: str
+    text: str
+
+
+class Relay(Agent, agent_type="relay"):
+    """Passes a Ping on to another agent and returns its answer: a nested call."""
+
+    @handler
+    async def forward(self, message: Forward, ctx: MessageContext) -> dict[str, object]:
+        reply = await self.send(
+            AgentId(message.agent_type, message.key), Ping(text=message.text), timeout=5
+        )
+        return {"relayed_by": str(self.id), "reply": reply}

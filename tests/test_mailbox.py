@@ -22,6 +22,8 @@ from workers.counter import Counter
 @pytest.fixture
 async def worker(nc: NATS, subjects: Subjects, gateway: Gateway) -> AsyncIterator[Worker]:
     agents.PEAK_CONCURRENCY.clear()
+    agents.INSTANCES.clear()
+    agents.EVENTS.clear()
     agents.RUNNING_TOTAL[:] = [0, 0]
     config = WorkerConfig(worker_id="mailbox", heartbeat_interval=0.5)
     async with Worker(nc, [Recorder, Counter], config, subjects) as running:
@@ -86,10 +88,14 @@ async def test_messages_waiting_for_a_deactivated_agent_run_on_a_fresh_one(
     first = asyncio.create_task(client.call(target, {"seconds": 0.3}))
     await eventually(lambda: agents.RUNNING["busy"] == 1, timeout=2)
     queued = asyncio.create_task(client.call(target, {"seconds": 0.0}))
+    await eventually(lambda: worker._activations.pending(target) == 2, timeout=2)
     ctl = subjects.worker_ctl("mailbox", "deactivate")
     reply = await nc.request(ctl, b'{"type": "recorder", "key": "busy"}', timeout=5)
     assert orjson.loads(reply.data) == {"deactivated": True}
     assert (await first)["concurrent"] == 1
     assert (await queued)["concurrent"] == 1
     assert agents.PEAK_CONCURRENCY["busy"] == 1
-    assert worker.activations == 1  # the fresh instance the queued message created
+    # The queued message ran on a fresh instance, created after the old one left.
+    assert agents.INSTANCES["busy"] == 2
+    assert agents.EVENTS["busy"] == ["activate", "deactivate", "activate"]
+    assert worker.activations == 1

@@ -34,7 +34,13 @@ from tests.helpers import assert_error, live_worker_ids
 from workers.counter import Count, Increment
 from workers.echo import Ping, Pong
 
-AGENTS = ("workers.echo:Echo", "workers.counter:Counter", "tests.agents:Sleeper")
+AGENTS = (
+    "workers.echo:Echo",
+    "workers.counter:Counter",
+    "tests.agents:Sleeper",
+    "tests.agents:Sulker",
+    "tests.agents:Relay",
+)
 MAX_PAYLOAD = 64 * 1024
 
 
@@ -219,6 +225,42 @@ async def test_reply_that_misses_the_deadline_gets_504_on_time(mesh: Mesh) -> No
         await mesh.client.call(
             AgentId("sleeper", "slow2"), {"seconds": 3}, message_type="Nap", timeout=0.3
         )
+
+
+async def test_agent_calling_another_agent_gets_its_reply(mesh: Mesh) -> None:
+    reply = await mesh.client.call(
+        AgentId("relay", "r"), {"agent_type": "echo", "key": "far", "text": "hop"}
+    )
+    assert reply == {
+        "relayed_by": "relay/r",
+        "reply": {"text": "hop", "agent": "echo/far", "worker": "rpc-worker"},
+    }
+
+
+async def test_failed_nested_call_is_the_handlers_500_with_the_outer_request_id(
+    mesh: Mesh,
+) -> None:
+    reply = await mesh.request(
+        mesh.rpc("relay", "r"),
+        b'{"agent_type": "ghost", "key": "k", "text": "x"}',
+        headers={"Mesh-Request-Id": "outer-1"},
+    )
+    error = assert_error(reply, 500, "HandlerFailed")
+    assert "AgentTypeNotFound" in error["message"]
+    assert error["request_id"] == "outer-1"
+    assert reply.headers is not None and reply.headers["Mesh-Request-Id"] == "outer-1"
+
+
+async def test_error_a_handler_raises_on_purpose_keeps_its_code(mesh: Mesh) -> None:
+    reply = await mesh.request(mesh.rpc("sulker", "s"), b"{}", headers={"Mesh-Msg-Type": "Refuse"})
+    assert assert_error(reply, 403, "Forbidden")["message"] == "sulker talks to nobody"
+
+
+async def test_handlers_own_timeout_is_a_500_not_the_callers_504(mesh: Mesh) -> None:
+    reply = await mesh.request(
+        mesh.rpc("sulker", "s"), b"{}", headers={"Mesh-Msg-Type": "Impatient"}
+    )
+    assert "TimeoutError" in assert_error(reply, 500, "HandlerFailed")["message"]
 
 
 async def test_known_type_without_live_worker_gets_503(

@@ -58,7 +58,7 @@ class Gateway:
     Args:
         nc: A connected NATS client; the gateway does not close it.
         subjects: The mesh's names.
-        config: Deadlines, payload limit, concurrency.
+        config: Deadlines, payload limit, requests in flight.
         registry_config: How worker liveness is judged.
     """
 
@@ -93,7 +93,7 @@ class Gateway:
             subject=self._subjects.rpc_all,
             handler=self._forward,
             queue_group=self._subjects.queue_group(SERVICE),
-            max_concurrency=self._config.max_concurrency,
+            max_in_flight=self._config.max_in_flight,
         )
         await self._service.start()
         self._started = True
@@ -140,7 +140,7 @@ class Gateway:
         try:
             return await self._forward_checked(msg, headers, request_id)
         except MeshError as exc:
-            exc.request_id = exc.request_id or request_id
+            exc.request_id = request_id
             raise
 
     async def _forward_checked(self, msg: Msg, headers: dict[str, str], request_id: str) -> Reply:

@@ -211,8 +211,11 @@ class Registry:
         request = read_request(msg, DeregisterRequest)
         worker_id = validate_worker_id(request.worker_id)
         assert self._workers_kv is not None and self._types_kv is not None
+        # This replica's view may not have seen the registration yet: the worker's own
+        # list of its types is the authority, the view only adds to it.
+        agent_types = {validate_agent_type(name) for name in request.agent_types}
         record = self.directory.worker(worker_id)
-        agent_types = set(record.agent_types if record else [])
+        agent_types.update(record.agent_types if record else [])
         for name, registrations in self.directory.type_registrations().items():
             if worker_id in registrations:
                 agent_types.add(name)
