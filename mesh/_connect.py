@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
@@ -12,6 +15,36 @@ from mesh.config import ConnectConfig
 from mesh.errors import MeshConnectionError
 
 logger = logging.getLogger(__name__)
+
+ReconnectCallback = Callable[[], Awaitable[None]]
+_reconnect_callbacks: weakref.WeakKeyDictionary[NATS, list[ReconnectCallback]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def on_reconnect(nc: NATS, callback: ReconnectCallback) -> Callable[[], None]:
+    """Run `callback` each time `nc` (opened by `connect`) reconnects; returns an undo.
+
+    KV watches can stall for many seconds after a server restart; components that
+    keep one re-create it from here.
+    """
+    callbacks = _reconnect_callbacks.setdefault(nc, [])
+    callbacks.append(callback)
+
+    def remove() -> None:
+        if callback in callbacks:
+            callbacks.remove(callback)
+
+    return remove
+
+
+async def _run_reconnect_callbacks(nc: NATS, name: str) -> None:
+    for callback in list(_reconnect_callbacks.get(nc, [])):
+        try:
+            async with asyncio.timeout(30):
+                await callback()
+        except Exception:
+            logger.exception("after reconnecting %s, a callback failed", name)
 
 
 async def connect(config: ConnectConfig, *, name: str, reconnect: bool = True) -> NATS:
@@ -31,6 +64,8 @@ async def connect(config: ConnectConfig, *, name: str, reconnect: bool = True) -
 
     async def on_reconnected() -> None:
         logger.info("NATS connection %s restored", name)
+        if connection is not None:
+            await _run_reconnect_callbacks(connection, name)
 
     options: dict[str, Any] = {
         "servers": [url.strip() for url in config.url.split(",") if url.strip()],
@@ -51,7 +86,9 @@ async def connect(config: ConnectConfig, *, name: str, reconnect: bool = True) -
         options["user_credentials"] = config.creds_file
     if config.nkeys_seed:
         options["nkeys_seed"] = config.nkeys_seed
+    connection: NATS | None = None
     try:
-        return await nats.connect(**options)
+        connection = await nats.connect(**options)
     except Exception as exc:
         raise MeshConnectionError(f"cannot connect to NATS at {config.url}: {exc}") from exc
+    return connection

@@ -87,6 +87,17 @@ class WorkerDirectory:
         await self._type_mirror.start()
         self._loaded = True
 
+    async def restart(self) -> None:
+        """Watch both buckets anew (after a reconnect): stalled watches resume at once."""
+        self._loaded = False
+        try:
+            for mirror in (self._worker_mirror, self._type_mirror):
+                if mirror is not None:
+                    await mirror.restart()
+        finally:
+            self._loaded = True
+        logger.info("worker directory reloaded: %d workers", len(self._workers))
+
     async def aclose(self) -> None:
         for mirror in (self._worker_mirror, self._type_mirror):
             if mirror is not None:

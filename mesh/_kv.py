@@ -121,37 +121,69 @@ class KvMirror:
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._watcher: KeyValue.KeyWatcher | None = None
+        self._reloaded: set[str] | None = None
 
     async def start(self, timeout: float = 10.0) -> None:
         """Start watching and return once the current values are loaded."""
         if self._task is not None:
             return
+        await self._watch(timeout)
+
+    async def restart(self, timeout: float = 10.0) -> None:
+        """Watch anew, e.g. after a reconnect, when the old watch may have stalled.
+
+        Current values are loaded again; keys that vanished meanwhile are reported gone.
+        """
+        await self._stop()
+        self._reloaded = set()
+        await self._watch(timeout)
+
+    async def _watch(self, timeout: float) -> None:
+        self.ready.clear()
         self._watcher = await self._kv.watch(self._keys)
         self._task = asyncio.create_task(self._follow(self._watcher), name=f"kv-watch:{self._keys}")
+        self._task.add_done_callback(self._ended)
         async with asyncio.timeout(timeout):
             await self.ready.wait()
 
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("KV watch on %s ended", self._keys, exc_info=task.exception())
+
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
         async for entry in watcher:
-            if entry is None:  # end of the initial values
+            if entry is None:  # the current values are all in
+                self._forget_vanished()
                 self.ready.set()
                 continue
+            if self._reloaded is not None:
+                self._reloaded.add(entry.key)
             if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
                 self.entries.pop(entry.key, None)
                 changed: MirroredEntry | None = None
             else:
                 changed = MirroredEntry(entry.key, entry.value, int(entry.revision or 0))
                 self.entries[entry.key] = changed
-            if entry.delta == 0:
-                self.ready.set()
-            if self._on_change is not None:
-                try:
-                    self._on_change(entry.key, changed)
-                except Exception:
-                    logger.exception("KV change callback failed for %s", entry.key)
+            self._notify(entry.key, changed)
 
-    async def aclose(self) -> None:
-        """Stop watching. Idempotent."""
+    def _forget_vanished(self) -> None:
+        if self._reloaded is None:
+            return
+        vanished = [key for key in self.entries if key not in self._reloaded]
+        self._reloaded = None
+        for key in vanished:
+            del self.entries[key]
+            self._notify(key, None)
+
+    def _notify(self, key: str, entry: MirroredEntry | None) -> None:
+        if self._on_change is None:
+            return
+        try:
+            self._on_change(key, entry)
+        except Exception:
+            logger.exception("KV change callback failed for %s", key)
+
+    async def _stop(self) -> None:
         if self._watcher is not None:
             watcher, self._watcher = self._watcher, None
             with contextlib.suppress(Exception):
@@ -161,3 +193,7 @@ class KvMirror:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    async def aclose(self) -> None:
+        """Stop watching. Idempotent."""
+        await self._stop()

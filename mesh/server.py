@@ -150,8 +150,11 @@ class NatsServer:
                 ready.set()
         ready.set()  # the process ended; start() reports it
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after `timeout`). Idempotent."""
+    def stop(self, timeout: float = 10.0, *, keep_store: bool = False) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after `timeout`). Idempotent.
+
+        A temporary store is removed unless `keep_store`, e.g. to restart on it.
+        """
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -165,7 +168,7 @@ class NatsServer:
             self._reader = None
         if process is not None and process.stderr is not None:
             process.stderr.close()
-        if self._tmp is not None:
+        if self._tmp is not None and not keep_store:
             self._tmp.cleanup()
             self._tmp = None
 

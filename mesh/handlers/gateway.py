@@ -15,6 +15,7 @@ that does not answer within the deadline is not retried: the request may have ru
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from types import TracebackType
 
 from nats.aio.client import Client as NATS
@@ -24,6 +25,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from mesh import __version__
 from mesh._balancing import Balancer, RendezvousBalancer, RoundRobinBalancer
+from mesh._connect import on_reconnect
 from mesh._directory import WorkerDirectory
 from mesh._micro import MicroService, Reply
 from mesh._wire import (
@@ -82,6 +84,7 @@ class Gateway:
             description="entry point for agent requests",
         )
         self._started = False
+        self._forget_reconnect: Callable[[], None] = lambda: None
 
     async def start(self) -> None:
         """Load the worker directory and start serving agent requests."""
@@ -96,6 +99,7 @@ class Gateway:
             max_in_flight=self._config.max_in_flight,
         )
         await self._service.start()
+        self._forget_reconnect = on_reconnect(self._nc, self.directory.restart)
         self._started = True
 
     async def shutdown(self, grace: float = 10.0) -> None:
@@ -103,6 +107,7 @@ class Gateway:
         if not self._started:
             return
         self._started = False
+        self._forget_reconnect()
         await self._service.stop(grace)
         await self.directory.aclose()
 

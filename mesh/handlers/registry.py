@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
 
@@ -28,6 +29,7 @@ from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from mesh import __version__
+from mesh._connect import on_reconnect
 from mesh._control import model_reply, read_request
 from mesh._directory import WorkerDirectory, types_bucket, workers_bucket
 from mesh._kv import ensure_bucket, put_with_ttl
@@ -81,6 +83,7 @@ class Registry:
         self._workers_kv: KeyValue | None = None
         self._types_kv: KeyValue | None = None
         self._started = False
+        self._forget_reconnect: Callable[[], None] = lambda: None
 
     async def start(self) -> None:
         """Open the buckets, load the directory and start serving."""
@@ -103,6 +106,7 @@ class Registry:
                 op, subject=self._subjects.service(SERVICE, op), handler=handler, queue_group=queue
             )
         await self._service.start()
+        self._forget_reconnect = on_reconnect(self._nc, self.directory.restart)
         self._started = True
 
     async def shutdown(self, grace: float = 5.0) -> None:
@@ -110,6 +114,7 @@ class Registry:
         if not self._started:
             return
         self._started = False
+        self._forget_reconnect()
         await self._service.stop(grace)
         await self.directory.aclose()
 
