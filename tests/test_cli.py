@@ -21,20 +21,28 @@ from tests.conftest import REPO
 from tests.helpers import live_worker_ids
 
 
-async def _mesh(nats_url: str, subjects: Subjects, *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
+async def _start(
+    module: str, nats_url: str, subjects: Subjects, *args: str, pipe: bool = False
+) -> asyncio.subprocess.Process:
+    """``python -m <module> --nats URL --prefix P <args>``, as a user would type it."""
+    output = asyncio.subprocess.PIPE if pipe else None
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "mesh.cli",
+        module,
         "--nats",
         nats_url,
         "--prefix",
         subjects.prefix,
         *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+        stdout=output,
+        stderr=output,
         env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"},
     )
+
+
+async def _mesh(nats_url: str, subjects: Subjects, *args: str) -> tuple[int, str, str]:
+    process = await _start("mesh.cli", nats_url, subjects, *args, pipe=True)
     async with asyncio.timeout(30):
         out, err = await process.communicate()
     assert process.returncode is not None
@@ -94,19 +102,14 @@ async def test_worker_command_refuses_a_bad_agent_spec(nats_url: str, subjects: 
 async def test_example_worker_module_runs_and_stops_on_sigterm(
     nats_url: str, nc: NATS, subjects: Subjects, gateway: Gateway
 ) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
+    process = await _start(
         "workers.echo",
-        "--nats",
         nats_url,
-        "--prefix",
-        subjects.prefix,
+        subjects,
         "--worker-id",
         "module-worker",
         "--heartbeat-interval",
         "0.3",
-        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     try:
         await eventually(lambda: live_worker_ids(nc, subjects, "echo"), timeout=15)
@@ -123,19 +126,7 @@ async def test_example_worker_module_runs_and_stops_on_sigterm(
 async def test_serve_runs_services_in_their_own_process(
     nats_url: str, nc: NATS, subjects: Subjects, spawn_worker: type
 ) -> None:
-    services = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "mesh.cli",
-        "--nats",
-        nats_url,
-        "--prefix",
-        subjects.prefix,
-        "serve",
-        "registry",
-        "gateway",
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    services = await _start("mesh.cli", nats_url, subjects, "serve", "registry", "gateway")
     try:
         spawn_worker("workers.counter:Counter", worker_id="served")
         client = MeshClient(nc, subjects=subjects)
