@@ -52,13 +52,19 @@ class ActivationTable:
     Args:
         agent_classes: Agent type name -> class, for every type the worker hosts.
         client: Given to agents so that they can send to other agents.
+        on_deactivated: Awaited after an agent's ``on_deactivate``, before a new
+            instance of it may start (the worker releases its placement there).
     """
 
     def __init__(
-        self, agent_classes: dict[str, type[Agent]], client: MeshClient | None = None
+        self,
+        agent_classes: dict[str, type[Agent]],
+        client: MeshClient | None = None,
+        on_deactivated: Callable[[AgentId], Awaitable[None]] | None = None,
     ) -> None:
         self._classes = agent_classes
         self._client = client
+        self._on_deactivated = on_deactivated
         self._active: dict[AgentId, Activation] = {}
         self._creating: dict[AgentId, asyncio.Future[Activation]] = {}
         self._deactivating: dict[AgentId, asyncio.Future[None]] = {}
@@ -144,6 +150,9 @@ class ActivationTable:
                 await activation.agent.on_deactivate()
         except Exception:
             logger.exception("on_deactivate of %s failed", agent_id)
+        try:
+            if self._on_deactivated is not None:
+                await self._on_deactivated(agent_id)
         finally:
             del self._deactivating[agent_id]
             leaving.set_result(None)

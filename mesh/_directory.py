@@ -71,9 +71,6 @@ class WorkerDirectory:
         self._loaded = False
         self._hosts: dict[str, dict[str, WorkerRecord]] = defaultdict(dict)
         self._types: dict[str, dict[str, TypeRecord]] = defaultdict(dict)
-        self._suspects: dict[str, float] = {}
-        #: How often a forward found a worker gone before the registry said so.
-        self.suspected = 0
         self._worker_mirror: KvMirror | None = None
         self._type_mirror: KvMirror | None = None
 
@@ -113,7 +110,6 @@ class WorkerDirectory:
                     if not hosts:
                         del self._hosts[agent_type]
         if entry is None:
-            self._suspects.pop(key, None)
             self._seen.pop(key, None)
             return
         try:
@@ -125,8 +121,6 @@ class WorkerDirectory:
         self._seen[key] = self._arrival(record)
         for agent_type in record.agent_types:
             self._hosts[agent_type][key] = record
-        # A fresh heartbeat outweighs a failed forward seen earlier.
-        self._suspects.pop(key, None)
 
     def _type_changed(self, key: str, entry: MirroredEntry | None) -> None:
         try:
@@ -168,10 +162,10 @@ class WorkerDirectory:
             return False
         return time.monotonic() - seen <= self.liveness_window(record)
 
-    def mark_suspect(self, worker_id: str) -> None:
-        """Skip `worker_id` until it heartbeats again: a forward found nobody there."""
-        self._suspects[worker_id] = time.monotonic()
-        self.suspected += 1
+    def heartbeat_age(self, worker_id: str) -> float | None:
+        """Seconds since this process last heard from `worker_id`; ``None`` if never."""
+        seen = self._seen.get(worker_id)
+        return None if seen is None else time.monotonic() - seen
 
     # Lookups
 
@@ -194,15 +188,25 @@ class WorkerDirectory:
         return sorted(self._workers.values(), key=lambda record: record.id)
 
     def live_workers(self, agent_type: str | None = None) -> list[WorkerRecord]:
-        """Workers that take new requests (for `agent_type`): alive, healthy, not suspect."""
+        """Workers that take new requests (for `agent_type`): alive and not draining."""
         pool = self._workers if agent_type is None else self._hosts.get(agent_type, {})
         return [
             record
             for record in pool.values()
-            if record.status == "healthy"
-            and record.id not in self._suspects
-            and self.is_live(record)
+            if record.status == "healthy" and self.is_live(record)
         ]
+
+    def takes_requests(self, worker_id: str) -> bool:
+        """Whether `worker_id` is alive and not draining."""
+        record = self._workers.get(worker_id)
+        return record is not None and record.status == "healthy" and self.is_live(record)
+
+    def strategy_of(self, agent_type: str) -> str | None:
+        """The load-balancing strategy the type's workers registered, if any."""
+        for registration in self._types.get(agent_type, {}).values():
+            if registration.capabilities.strategy:
+                return registration.capabilities.strategy
+        return None
 
     def type_registrations(self) -> dict[str, dict[str, TypeRecord]]:
         """Agent type -> worker id -> registration, for every known type."""

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel
 
+from mesh._balancing import STRATEGIES
 from mesh.ids import AgentId, validate_agent_type
 
 if TYPE_CHECKING:
@@ -118,7 +119,9 @@ class Agent:
     """Base class of agent types.
 
     Subclass it with ``agent_type="name"`` and decorate handlers with `handler`.
-    Pass ``stateless=True`` for types whose every instance is interchangeable.
+    Pass ``stateless=True`` for types whose every instance is interchangeable (any
+    worker takes each request), and ``strategy="least_connections"`` (or another of
+    `mesh._balancing.STRATEGIES`) to choose how new activations are placed.
 
     Attributes:
         id: This instance's `AgentId`.
@@ -126,6 +129,7 @@ class Agent:
 
     agent_type: ClassVar[str]
     stateless: ClassVar[bool] = False
+    strategy: ClassVar[str | None] = None
     description: ClassVar[str] = ""
     handlers: ClassVar[dict[str, HandlerSpec]] = {}
 
@@ -134,6 +138,7 @@ class Agent:
         *,
         agent_type: str | None = None,
         stateless: bool | None = None,
+        strategy: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
@@ -141,6 +146,12 @@ class Agent:
             cls.agent_type = validate_agent_type(agent_type)
         if stateless is not None:
             cls.stateless = stateless
+        if strategy is not None:
+            if strategy not in STRATEGIES:
+                raise AgentDefinitionError(
+                    f"{cls.__name__}: unknown strategy {strategy!r}; use one of {STRATEGIES}"
+                )
+            cls.strategy = strategy
         cls.description = inspect.cleandoc(cls.__doc__ or "").split("\n", 1)[0]
         found: dict[str, HandlerSpec] = {}
         for klass in reversed(cls.__mro__):

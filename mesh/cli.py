@@ -147,8 +147,9 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         worker_id=args.worker_id or base.worker_id,
         heartbeat_interval=args.heartbeat_interval or base.heartbeat_interval,
         max_in_flight=args.max_in_flight or base.max_in_flight,
+        capacity=args.capacity or base.capacity,
         drain_timeout=args.drain_timeout or base.drain_timeout,
-        idle_timeout=base.idle_timeout,
+        idle_timeout=args.idle_timeout or base.idle_timeout,
         register_timeout=base.register_timeout,
     )
 
@@ -229,6 +230,12 @@ def add_worker_options(parser: argparse.ArgumentParser) -> None:
         "--max-in-flight", type=int, help="requests held at once; more are answered 503"
     )
     parser.add_argument("--drain-timeout", type=float, help="seconds in-flight work may finish")
+    parser.add_argument(
+        "--capacity", type=int, help="requests it serves well at once (advertised to gateways)"
+    )
+    parser.add_argument(
+        "--idle-timeout", type=float, help="seconds before an unused agent is deactivated"
+    )
 
 
 def add_common_options(parser: argparse.ArgumentParser) -> None:

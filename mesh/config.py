@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from mesh._balancing import make_strategy
 from mesh.errors import BadRequestError
 
 
@@ -99,17 +100,43 @@ class GatewayConfig:
         max_timeout: The longest deadline a caller may ask for.
         max_payload: Largest request body in bytes; larger ones get 413.
         max_in_flight: Requests one gateway holds at once; more are answered 503 at once.
+        default_strategy: Load-balancing strategy for types that name none.
+        strategies: Agent type -> strategy, overriding what the type registered.
+        cooldown: Seconds a worker stays unhealthy after failing requests.
+        failures_before_unhealthy: Timeouts in a row that make a worker unhealthy.
     """
 
     default_timeout: float = 30.0
     max_timeout: float = 300.0
     max_payload: int = 1024 * 1024
-    max_in_flight: int = 10_000
+    max_in_flight: int = 200_000
+    default_strategy: str = "adaptive"
+    strategies: Mapping[str, str] = field(default_factory=dict)
+    cooldown: float = 10.0
+    failures_before_unhealthy: int = 3
+
+    def __post_init__(self) -> None:
+        make_strategy(self.default_strategy)
+        for name in self.strategies.values():
+            make_strategy(name)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> GatewayConfig:
         default = cls()
+        strategies = {}
+        for pair in (env.get("MESH_LB_STRATEGIES") or "").split(","):
+            if pair.strip():
+                agent_type, sep, name = pair.partition("=")
+                if not sep:
+                    raise BadRequestError(f"MESH_LB_STRATEGIES wants type=strategy, not {pair!r}")
+                strategies[agent_type.strip()] = name.strip()
         return cls(
+            default_strategy=env.get("MESH_LB_STRATEGY") or default.default_strategy,
+            strategies=strategies,
+            cooldown=_float(env, "MESH_UNHEALTHY_COOLDOWN", default.cooldown),
+            failures_before_unhealthy=_int(
+                env, "MESH_FAILURES_BEFORE_UNHEALTHY", default.failures_before_unhealthy
+            ),
             default_timeout=_float(env, "MESH_DEFAULT_TIMEOUT", default.default_timeout),
             max_timeout=_float(env, "MESH_MAX_TIMEOUT", default.max_timeout),
             max_payload=_int(env, "MESH_MAX_PAYLOAD", default.max_payload),
@@ -125,7 +152,9 @@ class WorkerConfig:
         worker_id: Stable id; a fresh one (host, pid, random) when ``None``.
         heartbeat_interval: Seconds between heartbeats to the registry.
         max_in_flight: Requests one worker holds at once (running, or waiting for their
-            agent's mailbox); more are answered 503 at once. Reported as its capacity.
+            agent's mailbox); more are answered 503 at once.
+        capacity: Requests the worker serves well at once, advertised in heartbeats:
+            gateways place no new agent on a worker this busy, and weigh load against it.
         drain_timeout: On shutdown, how long in-flight requests may run before cancellation.
         idle_timeout: An activation unused this long is deactivated.
         register_timeout: How long to keep trying to reach a registry at start.
@@ -134,6 +163,7 @@ class WorkerConfig:
     worker_id: str | None = None
     heartbeat_interval: float = 2.0
     max_in_flight: int = 1024
+    capacity: int = 64
     drain_timeout: float = 30.0
     idle_timeout: float = 600.0
     register_timeout: float = 30.0
@@ -145,6 +175,7 @@ class WorkerConfig:
             worker_id=env.get("MESH_WORKER_ID") or None,
             heartbeat_interval=_float(env, "MESH_HEARTBEAT_INTERVAL", default.heartbeat_interval),
             max_in_flight=_int(env, "MESH_WORKER_MAX_IN_FLIGHT", default.max_in_flight),
+            capacity=_int(env, "MESH_WORKER_CAPACITY", default.capacity),
             drain_timeout=_float(env, "MESH_DRAIN_TIMEOUT", default.drain_timeout),
             idle_timeout=_float(env, "MESH_IDLE_TIMEOUT", default.idle_timeout),
             register_timeout=_float(env, "MESH_REGISTER_TIMEOUT", default.register_timeout),

@@ -22,7 +22,7 @@ class WorkerLoad(BaseModel):
     """What a worker reports about its load with each heartbeat."""
 
     inflight: int = 0
-    capacity: int = 1024
+    capacity: int = 64
     activations: int = 0
     cpu: float = Field(0.0, description="process CPU use, 1.0 is one full core")
     rss: int = Field(0, description="resident memory in bytes")
@@ -37,8 +37,16 @@ class AgentTypeSpec(BaseModel):
     name: str
     handlers: list[str] = Field(default_factory=list, description="message type names")
     stateless: bool = False
+    strategy: str | None = Field(None, description="load-balancing strategy for new activations")
     description: str = ""
     metadata: dict[str, str] = Field(default_factory=dict)
+
+
+class PlacementRecord(BaseModel):
+    """Where one agent is activated, kept in ``mesh-placement`` under ``<type>.<key>``."""
+
+    worker_id: str
+    activated_at: datetime
 
 
 class WorkerRecord(BaseModel):

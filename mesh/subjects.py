@@ -128,6 +128,22 @@ class Subjects:
         """The agent id a worker request subject addresses."""
         return self._parse_agent_tail(subject, f"{self.worker(worker_id)}.rpc.")
 
+    def pool(self, agent_id: AgentId) -> str:
+        """``<prefix>.pool.<type>.<key>``: a request any worker of a stateless type may take."""
+        return f"{self.prefix}.pool.{escape_token(agent_id.type)}.{escape_token(agent_id.key)}"
+
+    def pool_all(self, agent_type: str) -> str:
+        """The filter the workers of one stateless type share, in a queue group."""
+        return f"{self.prefix}.pool.{escape_token(validate_agent_type(agent_type))}.*"
+
+    def pool_queue(self, agent_type: str) -> str:
+        """The queue group of a stateless type's workers."""
+        return f"{self.prefix}-pool-{escape_token(validate_agent_type(agent_type))}"
+
+    def parse_pool(self, subject: str) -> AgentId:
+        """The agent id a pool subject addresses."""
+        return self._parse_agent_tail(subject, f"{self.prefix}.pool.")
+
     def worker_ctl(self, worker_id: str, op: str) -> str:
         """``<prefix>.worker.<worker_id>.ctl.<op>``: control of one worker."""
         return f"{self.worker(worker_id)}.ctl.{escape_token(op)}"
@@ -195,6 +211,10 @@ class Subjects:
     def types_bucket(self) -> str:
         return self.bucket("types")
 
+    @property
+    def placement_bucket(self) -> str:
+        return self.bucket("placement")
+
     @staticmethod
     def kv_subject(bucket: str, key: str) -> str:
         """The JetStream subject a KV key is stored under (``$KV.<bucket>.<key>``)."""
@@ -229,6 +249,11 @@ class Subjects:
     def agent_key(agent_id: AgentId) -> str:
         """Key of one agent in per-agent buckets (``mesh-placement``, ``mesh-state``)."""
         return f"{escape_token(agent_id.type)}.{escape_token(agent_id.key)}"
+
+    @staticmethod
+    def parse_agent_key(key: str) -> AgentId:
+        """The agent id a per-agent bucket key names."""
+        return Subjects._parse_agent_tail(key, "")
 
     # Parsing helpers
 

@@ -30,6 +30,7 @@ from mesh import __version__
 from mesh._activations import ActivationTable
 from mesh._control import control_request, model_reply, read_request
 from mesh._micro import MicroService, Reply
+from mesh._placement import PlacementTable
 from mesh._wire import (
     CONTENT_TYPE,
     MSG_TYPE,
@@ -134,7 +135,12 @@ class Worker:
         self._subjects = subjects or Subjects()
         self._classes = agent_types_of(list(agents))
         self.id = validate_worker_id(self._config.worker_id or new_worker_id())
-        self._activations = ActivationTable(self._classes, MeshClient(nc, subjects=self._subjects))
+        self._placements = PlacementTable(nc.jetstream(), self._subjects, watch=False)
+        self._activations = ActivationTable(
+            self._classes,
+            MeshClient(nc, subjects=self._subjects),
+            on_deactivated=self._release_placement,
+        )
         self._service = MicroService(
             nc,
             name=self._subjects.micro_name(SERVICE),
@@ -143,6 +149,7 @@ class Worker:
             metadata={"worker_id": self.id},
         )
         self._load = _LoadMeter()
+        self._inflight = 0
         self._started_at = datetime.now(UTC)
         self._status: WorkerStatus = "healthy"
         self._revision: int | None = None
@@ -174,6 +181,15 @@ class Worker:
             handler=self._serve_rpc,
             max_in_flight=self._config.max_in_flight,
         )
+        for name, cls in sorted(self._classes.items()):
+            if cls.stateless:
+                await self._service.add_endpoint(
+                    f"pool-{name}",
+                    subject=self._subjects.pool_all(name),
+                    handler=self._serve_pool,
+                    queue_group=self._subjects.pool_queue(name),
+                    max_in_flight=self._config.max_in_flight,
+                )
         await self._service.add_endpoint(
             "stats", subject=self._subjects.worker_ctl(self.id, "stats"), handler=self._stats
         )
@@ -187,6 +203,7 @@ class Worker:
         )
         await self._service.start()
         try:
+            await self._placements.start()
             await self._register(self._config.register_timeout)
         except BaseException:
             await self._service.stop(0)
@@ -278,9 +295,7 @@ class Worker:
             agent_types=self.agent_types,
             started_at=self._started_at,
             heartbeat_interval=self._config.heartbeat_interval,
-            load=self._load.snapshot(
-                self._service.in_flight, self._config.max_in_flight, len(self._activations)
-            ),
+            load=self._load.snapshot(self._inflight, self._config.capacity, len(self._activations)),
             status=self._status,
             host=socket.gethostname(),
             pid=os.getpid(),
@@ -293,6 +308,7 @@ class Worker:
                 name=name,
                 handlers=sorted(cls.handlers),
                 stateless=cls.stateless,
+                strategy=cls.strategy,
                 description=cls.description,
             )
             for name, cls in sorted(self._classes.items())
@@ -386,12 +402,19 @@ class Worker:
         return spec
 
     async def _serve_rpc(self, msg: Msg) -> Reply:
+        return await self._serve(msg, self._subjects.parse_worker_rpc(self.id, msg.subject))
+
+    async def _serve_pool(self, msg: Msg) -> Reply:
+        return await self._serve(msg, self._subjects.parse_pool(msg.subject))
+
+    async def _serve(self, msg: Msg, agent_id: AgentId) -> Reply:
         headers = dict(msg.headers or {})
         request_id = headers.get(REQUEST_ID) or new_request_id()
         started = asyncio.get_running_loop().time()
         failed = True
+        self._inflight += 1
         try:
-            reply = await self._handle(msg, headers, request_id)
+            reply = await self._handle(agent_id, msg, headers, request_id)
             failed = False
             return reply
         except MeshError as exc:
@@ -400,10 +423,12 @@ class Worker:
             failed = exc.code >= 500
             raise
         finally:
+            self._inflight -= 1
             self._load.record(asyncio.get_running_loop().time() - started, failed)
 
-    async def _handle(self, msg: Msg, headers: dict[str, str], request_id: str) -> Reply:
-        agent_id = self._subjects.parse_worker_rpc(self.id, msg.subject)
+    async def _handle(
+        self, agent_id: AgentId, msg: Msg, headers: dict[str, str], request_id: str
+    ) -> Reply:
         codec = request_codec(headers)
         spec = self._handler_for(agent_id, headers)
         message = decode(msg.data, spec.message_type, codec)
@@ -461,6 +486,15 @@ class Worker:
             exc_info=exc,
         )
         return HandlerError(f"{type(exc).__name__}: {exc}")
+
+    async def _release_placement(self, agent_id: AgentId) -> None:
+        """An agent left this worker: drop its placement, if it still names us."""
+        if self._classes[agent_id.type].stateless:
+            return
+        try:
+            await self._placements.release(agent_id, self.id)
+        except Exception as exc:
+            logger.warning("could not release the placement of %s: %s", agent_id, exc)
 
     async def _stats(self, msg: Msg) -> Reply:
         return model_reply(msg, self._record())

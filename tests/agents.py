@@ -26,8 +26,12 @@ class Boom(BaseModel):
     reason: str
 
 
-class Sleeper(Agent, agent_type="sleeper"):
-    """Sleeps as long as asked, then answers; raises on Boom."""
+class Sleeper(Agent, agent_type="sleeper", strategy="least_connections"):
+    """Sleeps as long as asked, then answers; raises on Boom.
+
+    Least connections spreads a burst of new sleepers over the workers, which the
+    drain tests rely on.
+    """
 
     @handler
     async def nap(self, message: Nap, ctx: MessageContext) -> Woke:

@@ -6,9 +6,11 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+import orjson
 from nats.aio.client import Client as NATS
 
 from mesh import AgentId, MeshClient, MeshError
+from mesh._balancing import Health
 from mesh.handlers.gateway import Gateway
 from mesh.subjects import Subjects
 from mesh.testing import eventually
@@ -115,5 +117,11 @@ async def test_forward_to_a_worker_that_just_died_is_retried_on_another(
     for key in victim_keys:
         reply = await client.call(AgentId("counter", key), {}, message_type="GetCount")
         assert reply["worker"] == "survivor"
-    assert gateway.directory.suspected == 1
-    assert [w.id for w in gateway.directory.live_workers("counter")] == ["survivor"]
+    # One forward found the victim gone; it was marked unhealthy, so the other agents
+    # placed there moved without trying it again.
+    assert gateway.vanished_workers == 1
+    assert gateway.health("victim") is Health.UNHEALTHY
+    placements = await nc.jetstream().key_value(subjects.placement_bucket)
+    for key in victim_keys:
+        entry = await placements.get(f"counter.{key}")
+        assert orjson.loads(entry.value)["worker_id"] == "survivor"

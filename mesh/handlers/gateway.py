@@ -2,19 +2,28 @@
 
 It serves ``mesh.rpc.<type>.<key>`` in a queue group, so any number of replicas share
 the load. For each request it checks the id, payload size, content type and deadline,
-picks a live worker of the agent type from its `WorkerDirectory` (a KV-watched view,
-no round trip on the hot path), forwards by request/reply to
-``mesh.worker.<id>.rpc.<type>.<key>`` and relays the worker's reply unchanged.
+then:
 
-A worker that vanished between the directory's last update and the forward (NATS
-answers "no responders" at once) is skipped and the next candidate tried, so a
-dying worker costs the caller nothing while another one hosts the type. A worker
-that does not answer within the deadline is not retried: the request may have run.
+- **agents with identity** go to their one activation: the placement table
+  (``mesh-placement``, watched locally) names the worker; a new agent is placed on
+  the worker its type's load-balancing strategy picks (create-if-absent, so racing
+  gateways agree), and an agent whose worker is gone, draining or unhealthy is moved
+  (compare-and-set) before the request is forwarded to
+  ``mesh.worker.<id>.rpc.<type>.<key>``;
+- **stateless types** go to ``mesh.pool.<type>.<key>``, where their workers share a
+  queue group, so any one of them takes it.
+
+A forward that finds nobody there ("no responders": the worker died since the
+directory last heard from it) marks the worker unhealthy for a cooling-off period and
+is retried once on a new placement, so a crash costs callers nothing. A forward that
+times out is not retried (it may have run): the caller gets 504, and repeated
+timeouts mark the worker unhealthy too. The worker's reply is relayed unchanged.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from types import TracebackType
 
@@ -24,13 +33,22 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from mesh import __version__
-from mesh._balancing import Balancer, RendezvousBalancer, RoundRobinBalancer
+from mesh._balancing import (
+    Candidate,
+    Health,
+    Strategy,
+    WorkerStats,
+    choose,
+    make_strategy,
+)
 from mesh._connect import on_reconnect
 from mesh._directory import WorkerDirectory
 from mesh._micro import MicroService, Reply
+from mesh._placement import Placement, PlacementTable
 from mesh._wire import (
     FORWARDED_HEADERS,
     REQUEST_ID,
+    SERVICE_ERROR_CODE,
     TIMEOUT_MS,
     Deadline,
     new_request_id,
@@ -46,12 +64,15 @@ from mesh.errors import (
     PayloadTooLargeError,
 )
 from mesh.ids import AgentId
-from mesh.records import WorkerRecord
 from mesh.subjects import Subjects
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "gateway"
+#: A heartbeat later than this many intervals makes a worker's health unknown.
+LATE_HEARTBEATS = 1.5
+#: Rounds of placement races a request takes part in before it goes with the winner.
+PLACEMENT_ROUNDS = 3
 
 
 class Gateway:
@@ -60,7 +81,7 @@ class Gateway:
     Args:
         nc: A connected NATS client; the gateway does not close it.
         subjects: The mesh's names.
-        config: Deadlines, payload limit, requests in flight.
+        config: Deadlines, payload limit, in-flight limit, strategies, health.
         registry_config: How worker liveness is judged.
     """
 
@@ -75,8 +96,9 @@ class Gateway:
         self._subjects = subjects or Subjects()
         self._config = config or GatewayConfig()
         self.directory = WorkerDirectory(nc.jetstream(), self._subjects, registry_config)
-        self._sticky: Balancer = RendezvousBalancer()
-        self._spread: Balancer = RoundRobinBalancer()
+        self.placements = PlacementTable(nc.jetstream(), self._subjects)
+        self._stats: dict[str, WorkerStats] = {}
+        self._strategies: dict[str, tuple[str, Strategy]] = {}
         self._service = MicroService(
             nc,
             name=self._subjects.micro_name(SERVICE),
@@ -85,12 +107,15 @@ class Gateway:
         )
         self._started = False
         self._forget_reconnect: Callable[[], None] = lambda: None
+        #: Forwards that found their worker gone ("no responders").
+        self.vanished_workers = 0
 
     async def start(self) -> None:
-        """Load the worker directory and start serving agent requests."""
+        """Load the worker directory and placements and start serving agent requests."""
         if self._started:
             return
         await self.directory.start()
+        await self.placements.start()
         await self._service.add_endpoint(
             "rpc",
             subject=self._subjects.rpc_all,
@@ -99,8 +124,12 @@ class Gateway:
             max_in_flight=self._config.max_in_flight,
         )
         await self._service.start()
-        self._forget_reconnect = on_reconnect(self._nc, self.directory.restart)
+        self._forget_reconnect = on_reconnect(self._nc, self._rewatch)
         self._started = True
+
+    async def _rewatch(self) -> None:
+        await self.directory.restart()
+        await self.placements.restart()
 
     async def shutdown(self, grace: float = 10.0) -> None:
         """Stop taking requests, let in-flight ones finish for `grace` seconds. Idempotent."""
@@ -109,6 +138,7 @@ class Gateway:
         self._started = False
         self._forget_reconnect()
         await self._service.stop(grace)
+        await self.placements.aclose()
         await self.directory.aclose()
 
     async def __aenter__(self) -> Gateway:
@@ -123,21 +153,104 @@ class Gateway:
     ) -> None:
         await self.shutdown()
 
-    def _balancer_for(self, agent_type: str) -> Balancer:
-        return self._spread if self.directory.is_stateless(agent_type) else self._sticky
+    # Workers, their health and the strategies
 
-    def _candidates(self, agent_id: AgentId, tried: set[str]) -> list[WorkerRecord]:
-        live = self.directory.live_workers(agent_id.type)
-        candidates = [record for record in live if record.id not in tried]
-        if candidates:
-            return candidates
-        if tried:
-            raise NoWorkerAvailableError(
-                f"no worker of {agent_id.type!r} answered; {len(tried)} tried"
+    def stats(self, worker_id: str) -> WorkerStats:
+        """What this gateway has measured of `worker_id`."""
+        found = self._stats.get(worker_id)
+        if found is None:
+            found = self._stats[worker_id] = WorkerStats()
+        return found
+
+    def health(self, worker_id: str) -> Health:
+        """Unhealthy while cooling off after failures (or gone); unknown when late."""
+        record = self.directory.worker(worker_id)
+        if record is None or not self.directory.takes_requests(worker_id):
+            return Health.UNHEALTHY
+        if self.stats(worker_id).unhealthy_until > time.monotonic():
+            return Health.UNHEALTHY
+        age = self.directory.heartbeat_age(worker_id)
+        if age is None or age > LATE_HEARTBEATS * record.heartbeat_interval:
+            return Health.UNKNOWN
+        return Health.HEALTHY
+
+    def _mark_unhealthy(self, worker_id: str, why: str) -> None:
+        logger.warning("worker %s is unhealthy for %gs: %s", worker_id, self._config.cooldown, why)
+        self.stats(worker_id).unhealthy_until = time.monotonic() + self._config.cooldown
+
+    def candidates(self, agent_type: str) -> list[Candidate]:
+        """Live workers of `agent_type` with their figures and health."""
+        return [
+            Candidate(record, self.stats(record.id), self.health(record.id))
+            for record in self.directory.live_workers(agent_type)
+        ]
+
+    def strategy_name(self, agent_type: str) -> str:
+        """Config override, else what the type registered, else the default."""
+        return (
+            self._config.strategies.get(agent_type)
+            or self.directory.strategy_of(agent_type)
+            or self._config.default_strategy
+        )
+
+    def _strategy(self, agent_type: str) -> Strategy:
+        name = self.strategy_name(agent_type)
+        cached = self._strategies.get(agent_type)
+        if cached is None or cached[0] != name:
+            try:
+                cached = (name, make_strategy(name))
+            except MeshError:
+                logger.warning("%s registered unknown strategy %r", agent_type, name)
+                cached = (name, make_strategy(self._config.default_strategy))
+            self._strategies[agent_type] = cached
+        return cached[1]
+
+    def _unavailable(self, agent_type: str, candidates: list[Candidate]) -> MeshError:
+        if not candidates:
+            if self.directory.knows_type(agent_type):
+                return NoWorkerAvailableError(f"no live worker hosts agent type {agent_type!r}")
+            return AgentTypeNotFoundError(f"no worker has registered agent type {agent_type!r}")
+        if all(c.health is Health.UNHEALTHY for c in candidates):
+            return NoWorkerAvailableError(f"every worker of {agent_type!r} is unhealthy")
+        return NoWorkerAvailableError(f"every worker of {agent_type!r} is at capacity")
+
+    # Placement
+
+    def _usable(self, worker_id: str, agent_type: str) -> bool:
+        record = self.directory.worker(worker_id)
+        return (
+            record is not None
+            and agent_type in record.agent_types
+            and self.health(worker_id) is not Health.UNHEALTHY
+        )
+
+    async def _placement(self, agent_id: AgentId) -> Placement:
+        """The agent's placement on a worker that takes requests, placing or moving it."""
+        placement = self.placements.get(agent_id)
+        for _ in range(PLACEMENT_ROUNDS):
+            if placement is not None and self._usable(placement.worker_id, agent_id.type):
+                return placement
+            candidates = self.candidates(agent_id.type)
+            chosen = choose(
+                self._strategy(agent_id.type), [c for c in candidates if not c.at_capacity]
             )
-        if self.directory.knows_type(agent_id.type):
-            raise NoWorkerAvailableError(f"no live worker hosts agent type {agent_id.type!r}")
-        raise AgentTypeNotFoundError(f"no worker has registered agent type {agent_id.type!r}")
+            if chosen is None:
+                raise self._unavailable(agent_id.type, candidates)
+            # Count the request against its worker already, so that requests placing
+            # other agents meanwhile see it.
+            chosen.stats.inflight += 1
+            try:
+                if placement is None:
+                    placement = await self.placements.place(agent_id, chosen.id)
+                else:
+                    logger.info("moving %s from %s to %s", agent_id, placement.worker_id, chosen.id)
+                    placement = await self.placements.move(agent_id, placement, chosen.id)
+            finally:
+                chosen.stats.inflight -= 1
+        assert placement is not None
+        return placement
+
+    # Requests
 
     async def _forward(self, msg: Msg) -> Reply:
         headers = msg.headers or {}
@@ -160,29 +273,79 @@ class Gateway:
         )
         forwarded = {name: headers[name] for name in FORWARDED_HEADERS if name in headers}
         forwarded[REQUEST_ID] = request_id
-        balancer = self._balancer_for(agent_id.type)
-        tried: set[str] = set()
+        if self.directory.is_stateless(agent_id.type):
+            return await self._forward_to_pool(agent_id, msg.data, forwarded, deadline)
+        retried = False
         while True:
-            worker = balancer.choose(agent_id, self._candidates(agent_id, tried))
-            if deadline.expired():
-                raise DeadlineExceededError(f"deadline passed before {agent_id} was reached")
-            forwarded[TIMEOUT_MS] = deadline.header_value()
+            placement = await self._placement(agent_id)
             try:
-                reply = await self._nc.request(
-                    self._subjects.worker_rpc(worker.id, agent_id),
-                    msg.data,
-                    timeout=deadline.remaining(),
-                    headers=forwarded,
+                return await self._forward_to_worker(
+                    placement.worker_id, agent_id, msg.data, forwarded, deadline
                 )
             except NoRespondersError:
-                logger.info("worker %s is gone; trying another for %s", worker.id, agent_id)
-                tried.add(worker.id)
-                self.directory.mark_suspect(worker.id)
-                continue
-            except NatsTimeoutError:
-                raise DeadlineExceededError(
-                    f"worker {worker.id} did not answer for {agent_id} in time"
-                ) from None
-            reply_headers = dict(reply.headers or {})
-            reply_headers.setdefault(REQUEST_ID, request_id)
-            return reply.data, reply_headers
+                self.vanished_workers += 1
+                self._mark_unhealthy(placement.worker_id, f"no responders for {agent_id}")
+                if retried:
+                    raise NoWorkerAvailableError(
+                        f"the workers placed for {agent_id} did not answer"
+                    ) from None
+                retried = True
+
+    async def _forward_to_worker(
+        self,
+        worker_id: str,
+        agent_id: AgentId,
+        data: bytes,
+        headers: dict[str, str],
+        deadline: Deadline,
+    ) -> Reply:
+        if deadline.expired():
+            raise DeadlineExceededError(f"deadline passed before {agent_id} was reached")
+        headers[TIMEOUT_MS] = deadline.header_value()
+        stats = self.stats(worker_id)
+        stats.inflight += 1
+        started = time.monotonic()
+        try:
+            reply = await self._nc.request(
+                self._subjects.worker_rpc(worker_id, agent_id),
+                data,
+                timeout=deadline.remaining(),
+                headers=headers,
+            )
+        except NatsTimeoutError:
+            stats.record_failure()
+            if stats.consecutive_failures >= self._config.failures_before_unhealthy:
+                self._mark_unhealthy(worker_id, f"{stats.consecutive_failures} timeouts in a row")
+            raise DeadlineExceededError(
+                f"worker {worker_id} did not answer for {agent_id} in time"
+            ) from None
+        finally:
+            stats.inflight -= 1
+        reply_headers = dict(reply.headers or {})
+        if reply_headers.get(SERVICE_ERROR_CODE) in ("503", "504"):
+            stats.record_failure()
+        else:
+            stats.record_reply(time.monotonic() - started)
+        reply_headers.setdefault(REQUEST_ID, headers[REQUEST_ID])
+        return reply.data, reply_headers
+
+    async def _forward_to_pool(
+        self, agent_id: AgentId, data: bytes, headers: dict[str, str], deadline: Deadline
+    ) -> Reply:
+        candidates = self.candidates(agent_id.type)
+        if not any(c.health is not Health.UNHEALTHY for c in candidates):
+            raise self._unavailable(agent_id.type, candidates)
+        headers[TIMEOUT_MS] = deadline.header_value()
+        try:
+            reply = await self._nc.request(
+                self._subjects.pool(agent_id), data, timeout=deadline.remaining(), headers=headers
+            )
+        except NoRespondersError:
+            raise NoWorkerAvailableError(
+                f"no worker of stateless type {agent_id.type!r} answered"
+            ) from None
+        except NatsTimeoutError:
+            raise DeadlineExceededError(f"no worker answered for {agent_id} in time") from None
+        reply_headers = dict(reply.headers or {})
+        reply_headers.setdefault(REQUEST_ID, headers[REQUEST_ID])
+        return reply.data, reply_headers
