@@ -116,7 +116,8 @@ def weighted_response_time(
 
 
 def by_load(candidates: Sequence[Candidate]) -> Candidate:
-    """Lowest CPU, then least memory relative to the largest, as heartbeats report."""
+    """Lowest CPU share plus memory relative to the largest candidate's, equally weighted,
+    as heartbeats report them."""
     largest = max(c.record.load.rss for c in candidates) or 1
     return min(candidates, key=lambda c: (c.cpu + c.record.load.rss / largest, c.id))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import defaultdict
 
 from pydantic import BaseModel, Field
@@ -125,3 +126,46 @@ class Relay(Agent, agent_type="relay"):
             AgentId(message.agent_type, message.key), Ping(text=message.text), timeout=5
         )
         return {"relayed_by": str(self.id), "reply": reply}
+
+
+class Pace(BaseModel):
+    """Take `seconds` (or the worker's MESH_TEST_PACE) to answer."""
+
+    seconds: float | None = None
+    unencodable: bool = False
+    silent: bool = False
+
+
+class Paced(BaseModel):
+    key: str
+    worker: str
+
+
+#: agent key -> handler calls started, handlers cancelled, on_deactivate calls.
+CALLS: dict[str, int] = defaultdict(int)
+CANCELLED: dict[str, int] = defaultdict(int)
+SAVED: dict[str, int] = defaultdict(int)
+
+
+class Pacer(Agent, agent_type="pacer"):
+    """Answers after a pause; counts calls, cancellations and deactivations per key."""
+
+    @handler
+    async def pace(self, message: Pace, ctx: MessageContext) -> Paced | None:
+        CALLS[self.id.key] += 1
+        seconds = message.seconds
+        if seconds is None:
+            seconds = float(os.environ.get("MESH_TEST_PACE", "0"))
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            CANCELLED[self.id.key] += 1
+            raise
+        if message.unencodable:
+            return object()  # type: ignore[return-value]
+        if message.silent:
+            return None
+        return Paced(key=self.id.key, worker=ctx.worker_id)
+
+    async def on_deactivate(self) -> None:
+        SAVED[self.id.key] += 1

@@ -71,14 +71,20 @@ async def spawn_worker(nats_url: str, subjects: Subjects) -> AsyncIterator[type[
     """Start `mesh worker` processes for this test's mesh; all are stopped afterwards."""
     started: list[WorkerProcess] = []
 
-    def spawn(*agents: str, worker_id: str, heartbeat_interval: float = HEARTBEAT, **kw: object):
+    def spawn(
+        *agents: str,
+        worker_id: str,
+        heartbeat_interval: float = HEARTBEAT,
+        env: dict[str, str] | None = None,
+        **kw: object,
+    ):
         process = WorkerProcess(
             nats_url,
             agents,
             worker_id=worker_id,
             heartbeat_interval=heartbeat_interval,
             prefix=subjects.prefix,
-            env={"PYTHONPATH": str(REPO)},
+            env={"PYTHONPATH": str(REPO), **(env or {})},
             **kw,  # type: ignore[arg-type]
         ).start()
         started.append(process)
