@@ -30,6 +30,7 @@ class Activation:
     The mailbox is a FIFO lock: messages for one agent run one at a time, in the order
     they arrived; messages for different agents do not wait for each other. A retired
     activation runs no more messages: those waiting move to the next instance.
+    Stateless agent types have no mailbox: their messages run concurrently.
     """
 
     __slots__ = ("agent", "last_used", "mailbox", "pending", "retired")
@@ -117,6 +118,10 @@ class ActivationTable:
             activation = await self._activation(agent_id)
             activation.pending += 1
             try:
+                if activation.agent.stateless:
+                    # Interchangeable instances keep no state: no mailbox, no waiting.
+                    activation.last_used = time.monotonic()
+                    return await work(activation.agent)
                 async with activation.mailbox:
                     if activation.retired:
                         continue  # deactivated while this message waited: use the next one

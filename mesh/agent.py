@@ -119,8 +119,9 @@ class Agent:
     """Base class of agent types.
 
     Subclass it with ``agent_type="name"`` and decorate handlers with `handler`.
-    Pass ``stateless=True`` for types whose every instance is interchangeable (any
-    worker takes each request), and ``strategy="least_connections"`` (or another of
+    Pass ``stateless=True`` for types whose every instance is interchangeable: any
+    worker takes each request, and an instance handles its messages concurrently
+    (no mailbox). Pass ``strategy="least_connections"`` (or another of
     `mesh._balancing.STRATEGIES`) to choose how new activations are placed.
 
     Attributes:

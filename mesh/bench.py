@@ -1,37 +1,73 @@
-"""``mesh bench``: request/reply through the gateway to a worker, against raw NATS.
+"""``mesh bench``: what mesh's request path costs, against raw NATS in the same run.
 
-Both paths run in the same session on the same embedded server, with the same
-client process and 64-byte payloads:
+It starts its own NATS server, the services (registry and gateway in one process)
+and one worker process, then measures for a 64-byte echo:
 
-- raw: client -> a plain nats-py responder process;
-- mesh: client -> gateway process -> worker process (echo agent) and back.
+- ``raw_rpc``: nats-py request/reply to a plain responder process (the floor);
+- ``gateway_rpc``: mesh RPC through the gateway to a placed agent;
+- ``stateless_rpc``: mesh RPC through the gateway to a stateless type's pool;
 
-It prints latency (sequential p50/p99) and throughput (``concurrency`` requests in
-flight) for both, and their ratios, which is what to compare across machines.
+each as sequential latency (p50/p95/p99) and throughput at several concurrency
+levels; then ``inflight_100k``: that many requests in flight at once through the one
+gateway (each held by its handler for a while), counting answers and errors and the
+gateway's peak memory. It prints a table and, with ``--json PATH``, writes the figures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import platform
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
 
 import nats
+import orjson
+import psutil
 from nats.aio.msg import Msg
+from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
+from mesh.agent import Agent, MessageContext, handler
 from mesh.client import MeshClient
 from mesh.config import ConnectConfig
+from mesh.errors import MeshError
 from mesh.ids import AgentId
-from mesh.server import NatsServer
+from mesh.server import NatsServer, find_nats_server
 from mesh.testing import WorkerProcess, eventually
 
 RAW_SUBJECT = "bench.raw"
-PAYLOAD_TEXT = "x" * 40  # about 64 bytes of JSON with the field name
+TEXT = "x" * 53  # {"text":"xx..."} is 64 bytes
+CONCURRENCY_LEVELS = (1, 16, 64, 256)
+
+
+class Echo64(BaseModel):
+    text: str
+    hold: float = 0.0
+
+
+class PlacedEcho(Agent, agent_type="bench-placed"):
+    """Echo with identity: every key is one activation, placed on a worker."""
+
+    @handler
+    async def echo(self, message: Echo64, ctx: MessageContext) -> Echo64:
+        return message
+
+
+class PooledEcho(Agent, agent_type="bench-pooled", stateless=True):
+    """Stateless echo; `hold` keeps the request in flight that long."""
+
+    @handler
+    async def echo(self, message: Echo64, ctx: MessageContext) -> Echo64:
+        if message.hold:
+            await asyncio.sleep(message.hold)
+        return message
 
 
 async def _responder(url: str) -> None:
@@ -46,16 +82,28 @@ async def _responder(url: str) -> None:
     await asyncio.Event().wait()
 
 
-async def _latencies(send: Callable[[], Awaitable[object]], count: int) -> list[float]:
+Send = Callable[[], Awaitable[object]]
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _latency(send: Send, count: int) -> dict[str, float]:
     samples = []
     for _ in range(count):
         started = time.perf_counter()
         await send()
         samples.append(time.perf_counter() - started)
-    return samples
+    return {
+        "p50_ms": statistics.median(samples) * 1e3,
+        "p95_ms": _percentile(samples, 0.95) * 1e3,
+        "p99_ms": _percentile(samples, 0.99) * 1e3,
+    }
 
 
-async def _throughput(send: Callable[[], Awaitable[object]], count: int, concurrency: int) -> float:
+async def _throughput(send: Send, count: int, concurrency: int) -> float:
     remaining = count
 
     async def loop() -> None:
@@ -69,70 +117,168 @@ async def _throughput(send: Callable[[], Awaitable[object]], count: int, concurr
     return count / (time.perf_counter() - started)
 
 
-def _percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+async def _measure(send: Send, requests: int) -> dict[str, Any]:
+    await _latency(send, 200)  # warm up
+    figures: dict[str, Any] = await _latency(send, min(requests, 2000))
+    rates = {str(c): await _throughput(send, requests, c) for c in CONCURRENCY_LEVELS}
+    figures["throughput_by_concurrency"] = rates
+    figures["throughput_per_s"] = max(rates.values())
+    return figures
 
 
-async def run_bench(requests: int = 5000, concurrency: int = 32) -> int:
-    """Measure both paths and print the table; 0 on success."""
+async def _hold_inflight(
+    client: MeshClient, gateway_pid: int, count: int, hold: float
+) -> dict[str, Any]:
+    """`count` requests in flight at once through one gateway, each held `hold` seconds."""
+    gateway = psutil.Process(gateway_pid)
+    peak_rss = gateway.memory_info().rss
+    done = asyncio.Event()
+
+    async def watch_memory() -> None:
+        nonlocal peak_rss
+        while not done.is_set():
+            peak_rss = max(peak_rss, gateway.memory_info().rss)
+            await asyncio.sleep(0.2)
+
+    async def one(n: int) -> bool:
+        try:
+            reply = await client.call(
+                AgentId("bench-pooled", f"k{n % 1000}"),
+                {"text": TEXT, "hold": hold},
+                timeout=180,
+            )
+        except MeshError:
+            return False
+        return isinstance(reply, dict) and reply.get("text") == TEXT
+
+    watcher = asyncio.create_task(watch_memory())
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one(n) for n in range(count)))
+    wall = time.perf_counter() - started
+    done.set()
+    await watcher
+    answered = sum(results)
+    return {
+        "sent": count,
+        "answered": answered,
+        "errors": count - answered,
+        "wall_s": wall,
+        "gateway_rss_mb": peak_rss / 2**20,
+    }
+
+
+def _machine() -> dict[str, Any]:
+    version = subprocess.run(
+        [find_nats_server(), "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "nats_server": version,
+        "platform": platform.platform(),
+    }
+
+
+def _table(results: dict[str, Any], requests: int) -> Table:
+    table = Table(title=f"64-byte echo, {requests} requests per concurrency level")
+    for column in ("path", "p50 ms", "p95 ms", "p99 ms", "req/s (best)", "vs raw"):
+        table.add_column(column, justify="right")
+    raw = results["raw_rpc"]
+    for name in ("raw_rpc", "gateway_rpc", "stateless_rpc"):
+        row = results[name]
+        table.add_row(
+            name,
+            f"{row['p50_ms']:.3f}",
+            f"{row['p95_ms']:.3f}",
+            f"{row['p99_ms']:.3f}",
+            f"{row['throughput_per_s']:,.0f}",
+            f"p50 {row['p50_ms'] / raw['p50_ms']:.2f}x, "
+            f"rate {row['throughput_per_s'] / raw['throughput_per_s']:.2f}x",
+        )
+    return table
+
+
+async def run_bench(
+    requests: int = 5000,
+    inflight: int = 100_000,
+    hold: float = 5.0,
+    json_path: str | None = None,
+) -> int:
+    """Measure everything and print the table; 0 when every held request was answered."""
     console = Console()
+    results: dict[str, Any] = {"machine": _machine()}
     with NatsServer() as server:
+        env = {**os.environ, "MESH_GATEWAY_MAX_IN_FLIGHT": str(inflight * 2)}
         responder = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
             [sys.executable, "-m", "mesh.bench", server.url], stdout=subprocess.PIPE, text=True
         )
         services = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "mesh.cli", "--nats", server.url, "serve", "registry", "gateway"]
+            [
+                sys.executable,
+                "-m",
+                "mesh.cli",
+                "--nats",
+                server.url,
+                "serve",
+                "registry",
+                "gateway",
+            ],
+            env=env,
         )
-        worker = WorkerProcess(server.url, ["workers.echo:Echo"], worker_id="bench-worker").start()
+        worker = WorkerProcess(
+            server.url,
+            ["mesh.bench:PlacedEcho", "mesh.bench:PooledEcho"],
+            worker_id="bench-worker",
+            heartbeat_interval=1.0,
+            extra_args=["--max-in-flight", str(inflight * 2), "--capacity", str(inflight * 2)],
+        ).start()
+        client = await MeshClient.connect(ConnectConfig(url=server.url))
         try:
             assert responder.stdout is not None
             await asyncio.wait_for(asyncio.to_thread(responder.stdout.readline), 10)
-            client = await MeshClient.connect(ConnectConfig(url=server.url))
             nc = client.nc
-            payload = b'{"text":"' + PAYLOAD_TEXT.encode() + b'"}'
-            target = AgentId("echo", "bench")
-            message = {"text": PAYLOAD_TEXT}
+            raw_payload = orjson.dumps({"text": TEXT})
+            message = {"text": TEXT}
 
             async def raw() -> object:
-                return await nc.request(RAW_SUBJECT, payload, timeout=5)
+                return await nc.request(RAW_SUBJECT, raw_payload, timeout=10)
 
-            async def via_mesh() -> object:
-                return await client.call(target, message, timeout=5)
+            async def placed() -> object:
+                return await client.call(AgentId("bench-placed", "k"), message, timeout=10)
 
-            await eventually(via_mesh, timeout=20, message="the echo worker answering")
-            results = {}
-            for name, send in (("raw NATS", raw), ("mesh", via_mesh)):
-                await _latencies(send, 200)  # warm up
-                samples = await _latencies(send, min(requests, 2000))
-                rate = await _throughput(send, requests, concurrency)
-                results[name] = (
-                    statistics.median(samples) * 1e6,
-                    _percentile(samples, 0.99) * 1e6,
-                    rate,
-                )
-            await client.aclose()
+            async def pooled() -> object:
+                return await client.call(AgentId("bench-pooled", "k"), message, timeout=10)
+
+            await eventually(placed, timeout=30, message="the bench worker answering")
+            await eventually(pooled, timeout=30, message="the bench pool answering")
+            for name, send in (
+                ("raw_rpc", raw),
+                ("gateway_rpc", placed),
+                ("stateless_rpc", pooled),
+            ):
+                console.print(f"measuring {name}…")
+                results[name] = await _measure(send, requests)
+            console.print(f"holding {inflight:,} requests in flight for {hold:g}s each…")
+            results["inflight_100k"] = await _hold_inflight(client, services.pid, inflight, hold)
         finally:
+            await client.aclose()
             worker.stop()
-            services.terminate()
-            responder.terminate()
-            services.wait(10)
-            responder.wait(10)
-    table = Table(title=f"request/reply, {requests} requests, {concurrency} in flight")
-    for column in ("path", "p50 µs", "p99 µs", "req/s"):
-        table.add_column(column, justify="right")
-    for name, (p50, p99, rate) in results.items():
-        table.add_row(name, f"{p50:.0f}", f"{p99:.0f}", f"{rate:,.0f}")
-    raw_p50, raw_p99, raw_rate = results["raw NATS"]
-    mesh_p50, mesh_p99, mesh_rate = results["mesh"]
-    table.add_row(
-        "mesh / raw",
-        f"{mesh_p50 / raw_p50:.2f}x",
-        f"{mesh_p99 / raw_p99:.2f}x",
-        f"{mesh_rate / raw_rate:.2f}x",
+            for process in (services, responder):
+                process.terminate()
+                process.wait(10)
+    console.print(_table(results, requests))
+    held = results["inflight_100k"]
+    console.print(
+        f"in flight at once: {held['answered']:,}/{held['sent']:,} answered,"
+        f" {held['errors']:,} errors, {held['wall_s']:.1f}s,"
+        f" gateway peak RSS {held['gateway_rss_mb']:.0f} MiB"
     )
-    console.print(table)
-    return 0
+    if json_path:
+        await asyncio.to_thread(
+            Path(json_path).write_bytes, orjson.dumps(results, option=orjson.OPT_INDENT_2)
+        )
+        console.print(f"figures written to {json_path}")
+    return 0 if held["errors"] == 0 else 1
 
 
 if __name__ == "__main__":

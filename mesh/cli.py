@@ -217,7 +217,9 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 async def cmd_bench(args: argparse.Namespace) -> int:
     from mesh.bench import run_bench
 
-    return await run_bench(requests=args.requests, concurrency=args.concurrency)
+    return await run_bench(
+        requests=args.requests, inflight=args.inflight, hold=args.hold, json_path=args.json
+    )
 
 
 # Parsing
@@ -277,8 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir")
 
     bench = commands.add_parser("bench", help="request/reply through mesh vs raw NATS")
-    bench.add_argument("--requests", type=int, default=5000)
-    bench.add_argument("--concurrency", type=int, default=32)
+    bench.add_argument("--requests", type=int, default=5000, help="per concurrency level")
+    bench.add_argument("--inflight", type=int, default=100_000, help="requests held at once")
+    bench.add_argument("--hold", type=float, default=5.0, help="seconds each is held")
+    bench.add_argument("--json", metavar="PATH", help="also write the figures here")
     return parser
 
 
