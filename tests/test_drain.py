@@ -49,7 +49,11 @@ async def test_sigterm_drains_in_flight_calls_without_error(
 
     await eventually(leaving_is_busy, timeout=5)
     leaving.terminate()
-    # Calls made while it drains go to the other worker.
+    # Once gateways know it is draining, new agents go to the other worker.
+    await eventually(
+        lambda: [w.id for w in gateway.directory.live_workers("sleeper")] == ["staying"],
+        timeout=5,
+    )
     during = await client.call(
         AgentId("sleeper", "during"), {"seconds": 0}, message_type="Nap", timeout=10
     )
