@@ -106,6 +106,9 @@ def encode(value: Any, codec: Codec = JSON_CODEC) -> bytes:
     """Encode a message or plain value; ``None`` becomes an empty body."""
     if value is None:
         return b""
+    if codec is JSON_CODEC and isinstance(value, BaseModel):
+        # pydantic writes JSON itself, without an intermediate dict.
+        return value.__pydantic_serializer__.to_json(value)
     return codec.dumps(to_plain(value))
 
 
@@ -122,10 +125,17 @@ def decode(data: bytes, model: type[M], codec: Codec = JSON_CODEC) -> M:
     Raises:
         DecodeError: The body is not valid in its encoding or does not fit `model`.
     """
-    plain = decode_plain(data, codec)
     try:
+        if codec is JSON_CODEC:
+            # pydantic parses JSON itself, without an intermediate dict.
+            return model.model_validate_json(data or b"{}")
+        plain = decode_plain(data, codec)
         return model.model_validate({} if plain is None else plain)
     except ValidationError as exc:
+        if any(err["type"] == "json_invalid" for err in exc.errors(include_url=False)):
+            raise DecodeError(
+                f"invalid JSON: {exc.errors(include_url=False)[0]['msg']}", content_type=JSON
+            ) from exc
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
             for err in exc.errors(include_url=False)

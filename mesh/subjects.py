@@ -10,6 +10,7 @@ escaped the same way.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ _ESCAPED = {b: f"={b:02X}" for b in range(256)}
 _HEX_UPPER = frozenset("0123456789ABCDEF")
 
 
+@functools.lru_cache(maxsize=65536)
 def escape_token(text: str) -> str:
     """Escape `text` into one subject token: bytes outside ``[A-Za-z0-9_-]`` become ``=HH``."""
     if not text:
@@ -261,10 +263,14 @@ class Subjects:
     def _parse_agent_tail(subject: str, head: str) -> AgentId:
         if not subject.startswith(head):
             raise InvalidIdError(f"{subject!r} is not under {head!r}")
-        tokens = subject[len(head) :].split(".")
-        if len(tokens) != 2:
-            raise InvalidIdError(
-                f"{subject!r} must end in exactly two tokens: <escaped type>.<escaped key>"
-            )
-        agent_type = validate_agent_type(unescape_token(tokens[0]))
-        return AgentId(agent_type, validate_key(unescape_token(tokens[1])))
+        return _agent_id_of(subject[len(head) :])
+
+
+@functools.lru_cache(maxsize=65536)
+def _agent_id_of(tail: str) -> AgentId:
+    """The agent id of ``<escaped type>.<escaped key>`` (cached: it is on every hot path)."""
+    tokens = tail.split(".")
+    if len(tokens) != 2:
+        raise InvalidIdError(f"{tail!r} must be exactly two tokens: <escaped type>.<escaped key>")
+    agent_type = validate_agent_type(unescape_token(tokens[0]))
+    return AgentId(agent_type, validate_key(unescape_token(tokens[1])))
