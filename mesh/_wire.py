@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any, Final
 
 from mesh.codec import JSON_CODEC, Codec, UnsupportedContentTypeError, codec_for, decode_plain
@@ -74,6 +75,11 @@ def parse_timeout(headers: Mapping[str, str] | None, default: float, maximum: fl
     if millis <= 0:
         raise BadRequestError(f"{TIMEOUT_MS} must be positive, not {millis}")
     return min(millis / 1000.0, maximum)
+
+
+#: The deadline of the request being handled in this task, so that what the handler
+#: sends on its behalf gives up no later than its caller does.
+current_deadline: ContextVar[Deadline | None] = ContextVar("mesh_current_deadline", default=None)
 
 
 class Deadline:

@@ -107,7 +107,7 @@ async def running_services(
     finally:
         for service in reversed(started):
             await service.shutdown()
-        await nc.drain()
+        await close_connection(nc)
 
 
 @contextlib.contextmanager
@@ -118,6 +118,16 @@ def nats_for(args: argparse.Namespace) -> Any:
         return
     with NatsServer(store_dir=getattr(args, "data_dir", None)) as server:
         yield ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": server.url})
+
+
+async def close_connection(nc: Any) -> None:
+    """Drain `nc`, or just close it when it cannot drain (reconnecting, already closed)."""
+    try:
+        await nc.drain()
+    except Exception as exc:
+        logger.info("closing the NATS connection without draining: %s", exc)
+        with contextlib.suppress(Exception):
+            await nc.close()
 
 
 # Commands
@@ -166,7 +176,7 @@ async def serve_worker(args: argparse.Namespace, agents: Sequence[type[Agent]]) 
         print(f"worker {worker.id} hosting {', '.join(worker.agent_types)}", flush=True)
         await worker.run(handle_signals=True)
     finally:
-        await nc.drain()
+        await close_connection(nc)
     return 0
 
 

@@ -18,6 +18,7 @@ from mesh._wire import (
     REQUEST_ID,
     SENDER,
     TIMEOUT_MS,
+    current_deadline,
     error_from_reply,
     new_request_id,
 )
@@ -139,6 +140,12 @@ class MeshClient:
             MeshError: The subclass matching the error code of a failed reply.
         """
         deadline = self._default_timeout if timeout is None else timeout
+        enclosing = current_deadline.get()
+        if enclosing is not None:
+            # Sent from inside a handler: nobody waits for it longer than for the handler.
+            deadline = min(deadline, enclosing.remaining())
+            if deadline <= 0:
+                raise _remote(DeadlineExceededError(f"no time left to call {target}"))
         request_headers = dict(headers or {})
         request_headers[CONTENT_TYPE] = self._codec.content_type
         request_headers.setdefault(REQUEST_ID, new_request_id())

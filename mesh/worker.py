@@ -36,6 +36,8 @@ from mesh._wire import (
     MSG_TYPE,
     REQUEST_ID,
     SENDER,
+    Deadline,
+    current_deadline,
     new_request_id,
     parse_timeout,
     request_codec,
@@ -433,6 +435,8 @@ class Worker:
         spec = self._handler_for(agent_id, headers)
         message = decode(msg.data, spec.message_type, codec)
         timeout = parse_timeout(headers, MAX_HANDLER_TIME, MAX_HANDLER_TIME)
+        # This task serves this one request: what the handler sends inherits its deadline.
+        current_deadline.set(Deadline(timeout))
         sender = None
         if headers.get(SENDER):
             with contextlib.suppress(InvalidIdError):

@@ -169,3 +169,22 @@ class Pacer(Agent, agent_type="pacer"):
 
     async def on_deactivate(self) -> None:
         SAVED[self.id.key] += 1
+
+
+class RelayPace(BaseModel):
+    key: str
+    seconds: float
+
+
+class PaceRelay(Agent, agent_type="pace-relay"):
+    """Waits on a Pacer: a nested call that outlives the outer deadline."""
+
+    @handler
+    async def relay(self, message: RelayPace, ctx: MessageContext) -> object:
+        try:
+            return await self.send(
+                AgentId("pacer", message.key), Pace(seconds=message.seconds), timeout=30
+            )
+        except asyncio.CancelledError:
+            CANCELLED[f"relay:{message.key}"] += 1
+            raise

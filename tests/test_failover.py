@@ -107,7 +107,7 @@ async def test_forward_to_a_worker_that_just_died_is_retried_on_another(
         reply = await client.call(AgentId("counter", f"k{n}"), {}, message_type="GetCount")
         if reply["worker"] == "victim":
             victim_keys.append(f"k{n}")
-    assert victim_keys, "rendezvous hashing put no key on the victim"
+    assert victim_keys, "no key was placed on the victim"
 
     victim.kill()
     await victim.wait()

@@ -332,18 +332,15 @@ class Gateway:
     async def _forward_to_pool(
         self, agent_id: AgentId, data: bytes, headers: dict[str, str], deadline: Deadline
     ) -> Reply:
-        candidates = self.candidates(agent_id.type)
-        if not any(c.health is not Health.UNHEALTHY for c in candidates):
-            raise self._unavailable(agent_id.type, candidates)
+        # The pool's queue group is the truth about who serves it: no liveness check
+        # here, so an overloaded gateway that hears heartbeats late still forwards.
         headers[TIMEOUT_MS] = deadline.header_value()
         try:
             reply = await self._nc.request(
                 self._subjects.pool(agent_id), data, timeout=deadline.remaining(), headers=headers
             )
         except NoRespondersError:
-            raise NoWorkerAvailableError(
-                f"no worker of stateless type {agent_id.type!r} answered"
-            ) from None
+            raise self._unavailable(agent_id.type, []) from None
         except NatsTimeoutError:
             raise DeadlineExceededError(f"no worker answered for {agent_id} in time") from None
         reply_headers = dict(reply.headers or {})
