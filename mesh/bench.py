@@ -118,6 +118,31 @@ async def _throughput(send: Send, count: int, concurrency: int) -> float:
     return count / (time.perf_counter() - started)
 
 
+async def _paced(send: Send, rate: float, seconds: float) -> dict[str, float]:
+    """Open loop: start a request every 1/`rate` seconds, whatever the replies do."""
+    samples: list[float] = []
+
+    async def timed() -> None:
+        started = time.perf_counter()
+        await send()
+        samples.append(time.perf_counter() - started)
+
+    tasks = []
+    begin = time.perf_counter()
+    for n in range(int(rate * seconds)):
+        delay = begin + n / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(timed()))
+    await asyncio.gather(*tasks)
+    return {
+        "rate_per_s": rate,
+        "p50_ms": statistics.median(samples) * 1e3,
+        "p95_ms": _percentile(samples, 0.95) * 1e3,
+        "p99_ms": _percentile(samples, 0.99) * 1e3,
+    }
+
+
 async def _measure(send: Send, requests: int) -> dict[str, Any]:
     await _latency(send, 200)  # warm up
     figures: dict[str, Any] = await _latency(send, min(requests, 2000))
@@ -255,6 +280,8 @@ async def run_bench(
             ):
                 console.print(f"measuring {name}…")
                 results[name] = await _measure(send, requests)
+            console.print("gateway_rpc at a steady 1,000 requests/s…")
+            results["gateway_rpc_at_1000_per_s"] = await _paced(placed, 1000, 5)
             console.print(f"holding {inflight:,} requests in flight for {hold:g}s each…")
             results["inflight_100k"] = await _hold_inflight(client, services.pid, inflight, hold)
         finally:
@@ -264,6 +291,11 @@ async def run_bench(
                 process.terminate()
                 process.wait(10)
     console.print(_table(results, requests))
+    steady = results["gateway_rpc_at_1000_per_s"]
+    console.print(
+        f"gateway_rpc at 1,000 requests/s: p50 {steady['p50_ms']:.2f} ms,"
+        f" p95 {steady['p95_ms']:.2f} ms, p99 {steady['p99_ms']:.2f} ms"
+    )
     held = results["inflight_100k"]
     console.print(
         f"in flight at once: {held['answered']:,}/{held['sent']:,} answered,"
