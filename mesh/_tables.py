@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mesh._control import control_request
+from mesh.handlers.router import ListReply, ListRequest, SubscriptionReport
 from mesh.records import AgentTypeSummary, TypesReply, WorkerRecord, WorkersReply
 from mesh.subjects import Subjects
 
@@ -69,3 +70,39 @@ def print_workers(workers: list[WorkerRecord], console: Console | None = None) -
 
 def print_types(types: list[AgentTypeSummary], console: Console | None = None) -> None:
     (console or Console()).print(types_table(types))
+
+
+async def fetch_subscriptions(
+    nc: NATS, subjects: Subjects, *, never_matched: bool = False
+) -> list[SubscriptionReport]:
+    reply = await control_request(
+        nc,
+        subjects.service("router", "subscriptions"),
+        ListRequest(never_matched=never_matched),
+        ListReply,
+        timeout=TIMEOUT,
+    )
+    return reply.subscriptions if reply else []
+
+
+def subscriptions_table(reports: list[SubscriptionReport]) -> Table:
+    table = Table(title=f"{len(reports)} subscriptions", title_justify="left")
+    for column in ("agent type", "kind", "topic", "matches", "handled", "avg", "expires"):
+        table.add_column(column)
+    for r in reports:
+        sub = r.subscription
+        avg = r.average_handling_time
+        table.add_row(
+            sub.agent_type,
+            sub.kind,
+            sub.topic,
+            str(r.matches),
+            str(r.successes),
+            f"{avg * 1000:.1f} ms" if avg is not None else "-",
+            sub.expires_at.isoformat(timespec="seconds") if sub.expires_at else "-",
+        )
+    return table
+
+
+def print_subscriptions(reports: list[SubscriptionReport], console: Console | None = None) -> None:
+    (console or Console()).print(subscriptions_table(reports))

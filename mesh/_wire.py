@@ -20,6 +20,7 @@ from mesh.errors import (
 CONTENT_TYPE: Final = "Content-Type"
 MSG_TYPE: Final = "Mesh-Msg-Type"
 SENDER: Final = "Mesh-Sender"
+TOPIC: Final = "Mesh-Topic"
 REQUEST_ID: Final = "Mesh-Request-Id"
 TIMEOUT_MS: Final = "Mesh-Timeout-Ms"
 AUTHORIZATION: Final = "Authorization"
@@ -28,12 +29,14 @@ TRACESTATE: Final = "tracestate"
 RETRY_AFTER_MS: Final = "Retry-After-Ms"
 SERVICE_ERROR_CODE: Final = "Nats-Service-Error-Code"
 SERVICE_ERROR: Final = "Nats-Service-Error"
+MSG_ID: Final = "Nats-Msg-Id"
 
 #: Headers a hop passes on unchanged to the next one.
 FORWARDED_HEADERS: Final[tuple[str, ...]] = (
     CONTENT_TYPE,
     MSG_TYPE,
     SENDER,
+    TOPIC,
     REQUEST_ID,
     AUTHORIZATION,
     TRACEPARENT,

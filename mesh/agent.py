@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from pydantic import BaseModel
 
 from mesh._balancing import STRATEGIES
-from mesh.ids import AgentId, validate_agent_type
+from mesh.ids import AgentId, TopicId, validate_agent_type
 
 if TYPE_CHECKING:
     from mesh.client import MeshClient
@@ -60,6 +60,7 @@ class MessageContext:
         worker_id: The worker the agent is running on.
         headers: Every header the request carried.
         deadline: Seconds the caller was still waiting when the handler started.
+        topic: The topic of the event being handled; ``None`` for a request.
     """
 
     agent_id: AgentId
@@ -69,6 +70,7 @@ class MessageContext:
     worker_id: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
     deadline: float | None = None
+    topic: TopicId | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +194,18 @@ class Agent:
 
     async def on_deactivate(self) -> None:
         """Called once before the instance is dropped (idle, or worker shutdown)."""
+
+    async def publish(
+        self,
+        topic: TopicId,
+        message: BaseModel,
+        *,
+        message_id: str | None = None,
+    ) -> None:
+        """Publish an event on `topic`, with this agent as ``Mesh-Sender``."""
+        if self._client is None:
+            raise AgentDefinitionError(f"{self.id} has no connection to publish with")
+        await self._client.publish(topic, message, message_id=message_id, sender=self.id)
 
     async def send(
         self,

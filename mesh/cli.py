@@ -19,15 +19,15 @@ from mesh._connect import connect
 from mesh.agent import Agent
 from mesh.client import MeshClient
 from mesh.codec import JSON_CODEC, MSGPACK_CODEC
-from mesh.config import ConnectConfig, GatewayConfig, RegistryConfig, WorkerConfig
+from mesh.config import ConnectConfig, EventsConfig, GatewayConfig, RegistryConfig, WorkerConfig
 from mesh.errors import BadRequestError, MeshError
-from mesh.ids import AgentId
+from mesh.ids import AgentId, TopicId
 from mesh.server import NatsServer
 from mesh.subjects import Subjects
 
 logger = logging.getLogger("mesh")
 
-SERVICES = ("registry", "gateway")
+SERVICES = ("registry", "gateway", "router")
 
 
 def run(coro: Coroutine[Any, Any, int]) -> int:
@@ -84,22 +84,25 @@ async def running_services(
     """Run the named services on one connection for the duration of the block."""
     from mesh.handlers.gateway import Gateway
     from mesh.handlers.registry import Registry
+    from mesh.handlers.router import Router
 
     unknown = sorted(set(names) - set(SERVICES))
     if unknown:
         raise BadRequestError(f"unknown services {unknown}; choose from {list(SERVICES)}")
     nc = await connect(connect_config, name=f"{subjects.prefix}-services")
-    started: list[Registry | Gateway] = []
+    started: list[Registry | Gateway | Router] = []
     try:
         registry_config = RegistryConfig.from_env()
         for name in SERVICES:  # registry first: gateways and workers need it
             if name not in names:
                 continue
-            service: Registry | Gateway
+            service: Registry | Gateway | Router
             if name == "registry":
                 service = Registry(nc, subjects, registry_config)
-            else:
+            elif name == "gateway":
                 service = Gateway(nc, subjects, GatewayConfig.from_env(), registry_config)
+            else:
+                service = Router(nc, subjects, EventsConfig.from_env())
             await service.start()
             started.append(service)
             logger.info("%s serving on %s", name, connect_config.url)
@@ -202,6 +205,34 @@ async def cmd_call(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_publish(args: argparse.Namespace) -> int:
+    topic = TopicId.parse(args.topic)
+    try:
+        payload = orjson.loads(args.payload) if args.payload else None
+    except orjson.JSONDecodeError as exc:
+        raise BadRequestError(f"the payload is not JSON: {exc}") from exc
+    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
+    client = await MeshClient.connect(connect_config, subjects=Subjects(args.prefix))
+    async with client:
+        ack = await client.publish(topic, payload, message_type=args.type, message_id=args.msg_id)
+    print(f"stored as {ack.stream} #{ack.seq}" + (" (duplicate, dropped)" if ack.duplicate else ""))
+    return 0
+
+
+async def cmd_subscriptions(args: argparse.Namespace) -> int:
+    from mesh._tables import fetch_subscriptions, print_subscriptions
+
+    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
+    nc = await connect(connect_config, name="mesh-cli", reconnect=False)
+    try:
+        print_subscriptions(
+            await fetch_subscriptions(nc, Subjects(args.prefix), never_matched=args.never_matched)
+        )
+    finally:
+        await close_connection(nc)
+    return 0
+
+
 async def cmd_workers(args: argparse.Namespace) -> int:
     from mesh._tables import fetch_types, fetch_workers, print_types, print_workers
 
@@ -282,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     call.add_argument("--timeout", type=float, default=10.0)
     call.add_argument("--msgpack", action="store_true", help="send and receive msgpack")
 
+    publish = commands.add_parser("publish", help="publish an event: mesh publish TYPE/SOURCE JSON")
+    publish.add_argument("topic", metavar="TOPIC_TYPE/SOURCE")
+    publish.add_argument("payload", nargs="?", default=None, metavar="JSON")
+    publish.add_argument("--type", help="message type (Mesh-Msg-Type)")
+    publish.add_argument("--msg-id", help="Nats-Msg-Id: publishing it again is dropped")
+
+    subscriptions = commands.add_parser("subscriptions", help="list subscriptions and stats")
+    subscriptions.add_argument("--never-matched", action="store_true")
+
     commands.add_parser("workers", help="list live workers")
     commands.add_parser("agents", help="list agent types and their workers")
 
@@ -301,6 +341,8 @@ COMMANDS = {
     "serve": cmd_serve,
     "worker": cmd_worker,
     "call": cmd_call,
+    "publish": cmd_publish,
+    "subscriptions": cmd_subscriptions,
     "workers": cmd_workers,
     "agents": cmd_workers,
     "demo": cmd_demo,

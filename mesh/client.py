@@ -7,13 +7,16 @@ from types import TracebackType
 from typing import Any, TypeVar, overload
 
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import PubAck
 from pydantic import BaseModel
 
 from mesh._connect import connect
 from mesh._wire import (
     CONTENT_TYPE,
+    MSG_ID,
     MSG_TYPE,
     REQUEST_ID,
     SENDER,
@@ -30,7 +33,7 @@ from mesh.errors import (
     MeshError,
     NoWorkerAvailableError,
 )
-from mesh.ids import AgentId
+from mesh.ids import AgentId, TopicId
 from mesh.subjects import Subjects
 
 M = TypeVar("M", bound=BaseModel)
@@ -139,6 +142,34 @@ class MeshClient:
         Raises:
             MeshError: The subclass matching the error code of a failed reply.
         """
+        request_headers = dict(headers or {})
+        request_headers[CONTENT_TYPE] = self._codec.content_type
+        name = message_type or (type(message).__name__ if isinstance(message, BaseModel) else None)
+        if name:
+            request_headers[MSG_TYPE] = name
+        if sender is not None:
+            request_headers[SENDER] = str(sender)
+        reply = await self.send_raw(
+            target, encode(message, self._codec), headers=request_headers, timeout=timeout
+        )
+        codec = codec_for((reply.headers or {}).get(CONTENT_TYPE) or self._codec.content_type)
+        if response_type is not None and issubclass(response_type, BaseModel):
+            return decode(reply.data, response_type, codec)
+        return decode_plain(reply.data, codec)
+
+    async def send_raw(
+        self,
+        target: AgentId,
+        data: bytes,
+        *,
+        headers: Mapping[str, str],
+        timeout: float | None = None,
+    ) -> Msg:
+        """Send an already encoded body with its headers; return the successful reply.
+
+        Raises:
+            MeshError: The subclass matching the error code of a failed reply.
+        """
         deadline = self._default_timeout if timeout is None else timeout
         enclosing = current_deadline.get()
         if enclosing is not None:
@@ -146,20 +177,13 @@ class MeshClient:
             deadline = min(deadline, enclosing.remaining())
             if deadline <= 0:
                 raise _remote(DeadlineExceededError(f"no time left to call {target}"))
-        request_headers = dict(headers or {})
-        request_headers[CONTENT_TYPE] = self._codec.content_type
+        request_headers = dict(headers)
         request_headers.setdefault(REQUEST_ID, new_request_id())
         request_headers[TIMEOUT_MS] = str(max(1, int(deadline * 1000)))
-        name = message_type or (type(message).__name__ if isinstance(message, BaseModel) else None)
-        if name:
-            request_headers[MSG_TYPE] = name
-        if sender is not None:
-            request_headers[SENDER] = str(sender)
-        subject = self._subjects.rpc(target)
         try:
             reply = await self._nc.request(
-                subject,
-                encode(message, self._codec),
+                self._subjects.rpc(target),
+                data,
                 timeout=deadline + REPLY_GRACE,
                 headers=request_headers,
             )
@@ -182,10 +206,58 @@ class MeshClient:
         error = error_from_reply(reply.data, reply.headers)
         if error is not None:
             raise error
-        codec = codec_for((reply.headers or {}).get(CONTENT_TYPE) or self._codec.content_type)
-        if response_type is not None and issubclass(response_type, BaseModel):
-            return decode(reply.data, response_type, codec)
-        return decode_plain(reply.data, codec)
+        return reply
+
+    async def publish(
+        self,
+        topic: TopicId,
+        message: BaseModel | Mapping[str, Any] | None,
+        *,
+        message_type: str | None = None,
+        message_id: str | None = None,
+        sender: AgentId | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 5.0,
+    ) -> PubAck:
+        """Publish an event on `topic`; return once JetStream has stored it.
+
+        Args:
+            topic: Where it is published; subscribers get it as ``AgentId(type, source)``.
+            message: A pydantic model (its class name is the message type) or plain data.
+            message_type: The ``Mesh-Msg-Type``; defaults to the model's class name.
+            message_id: ``Nats-Msg-Id``: a second publish with the same id is dropped.
+            sender: The publishing agent, for ``Mesh-Sender``.
+            headers: Extra headers (``traceparent``...).
+            timeout: Seconds to wait for the stream's acknowledgement.
+
+        Raises:
+            NoWorkerAvailableError: No stream stores events (no router has started).
+            DeadlineExceededError: No acknowledgement in time.
+        """
+        event_headers = dict(headers or {})
+        event_headers[CONTENT_TYPE] = self._codec.content_type
+        name = message_type or (type(message).__name__ if isinstance(message, BaseModel) else None)
+        if name:
+            event_headers[MSG_TYPE] = name
+        if sender is not None:
+            event_headers[SENDER] = str(sender)
+        if message_id is not None:
+            event_headers[MSG_ID] = message_id
+        try:
+            return await self._nc.jetstream().publish(
+                self._subjects.events(topic),
+                encode(message, self._codec),
+                timeout=timeout,
+                headers=event_headers,
+            )
+        except NoRespondersError:
+            raise _remote(
+                NoWorkerAvailableError(f"no stream stores {self._subjects.events_all}")
+            ) from None
+        except (TimeoutError, NatsTimeoutError):
+            raise _remote(
+                DeadlineExceededError(f"no acknowledgement for {topic} within {timeout:g}s")
+            ) from None
 
     async def aclose(self) -> None:
         """Close the connection if this client opened it. Idempotent."""

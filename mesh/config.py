@@ -180,3 +180,39 @@ class WorkerConfig:
             idle_timeout=_float(env, "MESH_IDLE_TIMEOUT", default.idle_timeout),
             register_timeout=_float(env, "MESH_REGISTER_TIMEOUT", default.register_timeout),
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventsConfig:
+    """Settings of event storage and delivery.
+
+    Attributes:
+        retention: Seconds ``MESH_EVENTS`` keeps an event (when the stream is created).
+        max_deliveries: Deliveries of an event before it goes to the dead-letter subject.
+        retry_delay: Delay before the first retry; it doubles with each further one.
+        handler_timeout: Deadline of one delivery.
+        ack_wait: Seconds before an unacknowledged delivery is made again.
+        max_ack_pending: Events of one agent type in delivery at once.
+        batch: Events fetched per pull.
+    """
+
+    retention: float = 7 * 24 * 3600.0
+    max_deliveries: int = 5
+    retry_delay: float = 0.5
+    handler_timeout: float = 30.0
+    ack_wait: float = 60.0
+    max_ack_pending: int = 10_000
+    batch: int = 256
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> EventsConfig:
+        default = cls()
+        return cls(
+            retention=_float(env, "MESH_EVENTS_RETENTION", default.retention),
+            max_deliveries=_int(env, "MESH_EVENTS_MAX_DELIVERIES", default.max_deliveries),
+            retry_delay=_float(env, "MESH_EVENTS_RETRY_DELAY", default.retry_delay),
+            handler_timeout=_float(env, "MESH_EVENTS_HANDLER_TIMEOUT", default.handler_timeout),
+            ack_wait=_float(env, "MESH_EVENTS_ACK_WAIT", default.ack_wait),
+            max_ack_pending=_int(env, "MESH_EVENTS_MAX_ACK_PENDING", default.max_ack_pending),
+            batch=_int(env, "MESH_EVENTS_BATCH", default.batch),
+        )

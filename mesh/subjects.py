@@ -173,6 +173,20 @@ class Subjects:
         segments = ".".join(escape_token(s) for s in validate_topic_type(topic.type).split("."))
         return f"{self.prefix}.events.{segments}.{escape_token(topic.source)}"
 
+    @property
+    def events_all(self) -> str:
+        """Every event subject: what ``MESH_EVENTS`` stores."""
+        return f"{self.prefix}.events.>"
+
+    @property
+    def dlq_all(self) -> str:
+        """Every dead-letter subject."""
+        return f"{self.prefix}.dlq.>"
+
+    @property
+    def subscriptions_bucket(self) -> str:
+        return self.bucket("subscriptions")
+
     def parse_events(self, subject: str) -> TopicId:
         """The topic id an event subject names."""
         head = f"{self.prefix}.events."

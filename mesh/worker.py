@@ -36,6 +36,7 @@ from mesh._wire import (
     MSG_TYPE,
     REQUEST_ID,
     SENDER,
+    TOPIC,
     Deadline,
     current_deadline,
     new_request_id,
@@ -56,7 +57,8 @@ from mesh.errors import (
     UnknownMessageTypeError,
     WorkerNotRegisteredError,
 )
-from mesh.ids import AgentId
+from mesh.handlers.router import SubscribeRequest
+from mesh.ids import AgentId, TopicId
 from mesh.records import (
     AgentTypeSpec,
     DeactivateReply,
@@ -70,6 +72,7 @@ from mesh.records import (
     WorkerStatus,
 )
 from mesh.subjects import Subjects, validate_worker_id
+from mesh.subscriptions import Subscription, declared_subscriptions
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +219,15 @@ class Worker:
             asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat:{self.id}"),
             asyncio.create_task(self._eviction_loop(), name=f"evict:{self.id}"),
         ]
+        subscriptions = [
+            sub
+            for name, cls in sorted(self._classes.items())
+            for sub in declared_subscriptions(cls, name)
+        ]
+        if subscriptions:
+            self._tasks.append(
+                asyncio.create_task(self._subscribe(subscriptions), name=f"subscribe:{self.id}")
+            )
         self._state = "running"
         logger.info("worker %s serving %s", self.id, ", ".join(self.agent_types))
 
@@ -366,6 +378,26 @@ class Worker:
         assert reply is not None
         self._revision = reply.revision
 
+    async def _subscribe(self, subscriptions: list[Subscription]) -> None:
+        """Register the agent classes' declared subscriptions, until a router takes them."""
+        subject = self._subjects.service("router", "subscribe")
+        delay = 0.1
+        for subscription in subscriptions:
+            request = SubscribeRequest(
+                kind=subscription.kind,
+                topic=subscription.topic,
+                agent_type=subscription.agent_type,
+            )
+            while True:
+                try:
+                    await control_request(self._nc, subject, request, None, timeout=CONTROL_TIMEOUT)
+                    break
+                except (NoWorkerAvailableError, DeadlineExceededError) as exc:
+                    logger.info("worker %s waiting for a router: %s", self.id, exc)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+        logger.info("worker %s registered %d subscriptions", self.id, len(subscriptions))
+
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self._config.heartbeat_interval)
@@ -437,10 +469,13 @@ class Worker:
         timeout = parse_timeout(headers, MAX_HANDLER_TIME, MAX_HANDLER_TIME)
         # This task serves this one request: what the handler sends inherits its deadline.
         current_deadline.set(Deadline(timeout))
-        sender = None
+        sender = topic = None
         if headers.get(SENDER):
             with contextlib.suppress(InvalidIdError):
                 sender = AgentId.parse(headers[SENDER])
+        if headers.get(TOPIC):
+            with contextlib.suppress(InvalidIdError):
+                topic = TopicId.parse(headers[TOPIC])
         ctx = MessageContext(
             agent_id=agent_id,
             message_type=spec.message_type_name,
@@ -449,6 +484,7 @@ class Worker:
             worker_id=self.id,
             headers=headers,
             deadline=timeout,
+            topic=topic,
         )
 
         async def work(agent: Agent) -> Any:

@@ -9,6 +9,7 @@ from collections import defaultdict
 from pydantic import BaseModel, Field
 
 from mesh import Agent, AgentId, ForbiddenError, MessageContext, handler
+from mesh.subscriptions import default_subscription, type_prefix_subscription, type_subscription
 from workers.echo import Ping
 
 
@@ -188,3 +189,73 @@ class PaceRelay(Agent, agent_type="pace-relay"):
         except asyncio.CancelledError:
             CANCELLED[f"relay:{message.key}"] += 1
             raise
+
+
+class OrderEvent(BaseModel):
+    n: int
+
+
+class GetLog(BaseModel):
+    pass
+
+
+class Log(BaseModel):
+    seen: list[int]
+    topics: list[str]
+    worker: str
+
+
+HANDLED_SUBJECT = "test.handled"
+
+
+class _Recording(Agent):
+    """Keeps what it handled, and announces each on core NATS for tests across processes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[int] = []
+        self.topics: list[str] = []
+
+    async def record(self, message: OrderEvent, ctx: MessageContext) -> None:
+        self.seen.append(message.n)
+        self.topics.append(str(ctx.topic))
+        if self._client is not None:
+            note = f"{self.id.type}/{self.id.key}/{message.n}".encode()
+            await self._client.nc.publish(HANDLED_SUBJECT, note)
+
+    @handler
+    async def log(self, message: GetLog, ctx: MessageContext) -> Log:
+        return Log(seen=self.seen, topics=self.topics, worker=ctx.worker_id)
+
+
+@type_subscription("orders.created")
+@type_prefix_subscription("orders.")
+class Ledger(_Recording, agent_type="ledger"):
+    """Two overlapping subscriptions: each event must still arrive once."""
+
+    @handler
+    async def on_order(self, message: OrderEvent, ctx: MessageContext) -> None:
+        await self.record(message, ctx)
+
+
+@type_prefix_subscription("ord")
+class Auditor(_Recording, agent_type="auditor"):
+    """A prefix off the segment boundary: "orders.created", "ordinal"..."""
+
+    @handler
+    async def on_order(self, message: OrderEvent, ctx: MessageContext) -> None:
+        await self.record(message, ctx)
+
+
+@default_subscription
+class Greeter(_Recording, agent_type="greeter"):
+    @handler
+    async def on_order(self, message: OrderEvent, ctx: MessageContext) -> None:
+        await self.record(message, ctx)
+
+
+@type_subscription("poison")
+class Fragile(Agent, agent_type="fragile"):
+    @handler
+    async def on_order(self, message: OrderEvent, ctx: MessageContext) -> None:
+        raise ValueError(f"cannot digest order {message.n}")

@@ -1,0 +1,275 @@
+"""Delivering one agent type's events from JetStream to its agents.
+
+One durable pull consumer per subscribing agent type reads ``MESH_EVENTS`` through
+the narrowest filters that cover the type's subscriptions. Each event is delivered
+once per agent type, however many of its subscriptions match, to
+``AgentId(agent_type, source)`` through the gateway (so it reaches the agent's one
+placed activation), and acknowledged only after the handler succeeded: at least once.
+
+Events of one source go through one lane, one at a time, in stream order; different
+sources run concurrently. A failed delivery is retried after a growing delay (a nak
+with delay), which lets later events of that source pass it; after the configured
+number of deliveries the event goes to ``mesh.dlq.<agent_type>`` with the error and
+its original headers, and is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
+
+from mesh._wire import (
+    CONTENT_TYPE,
+    MSG_TYPE,
+    REQUEST_ID,
+    SENDER,
+    TOPIC,
+    TRACEPARENT,
+    TRACESTATE,
+)
+from mesh.client import MeshClient
+from mesh.config import EventsConfig
+from mesh.errors import InvalidIdError, MeshError
+from mesh.ids import AgentId, TopicId
+from mesh.subjects import Subjects, escape_token
+from mesh.subscriptions import Subscription
+
+logger = logging.getLogger(__name__)
+
+ERROR = "Mesh-Error"
+SUBJECT = "Mesh-Subject"
+ERROR_CODE = "Mesh-Error-Code"
+DELIVERIES = "Mesh-Deliveries"
+#: Headers of an event that travel with its delivery.
+EVENT_HEADERS = (CONTENT_TYPE, MSG_TYPE, SENDER, TRACEPARENT, TRACESTATE)
+
+
+@dataclass(slots=True)
+class SubscriptionStats:
+    """How a subscription has fared, as this dispatcher saw it."""
+
+    matches: int = 0
+    successes: int = 0
+    handling_seconds: float = 0.0
+    last_matched: datetime | None = None
+
+    @property
+    def average_handling_time(self) -> float | None:
+        return self.handling_seconds / self.successes if self.successes else None
+
+
+def covering_filters(filters: Sequence[str]) -> list[str]:
+    """The filters without those another one covers (JetStream refuses overlaps)."""
+    unique = sorted(set(filters))
+    return [f for f in unique if not any(g != f and _covers(g, f) for g in unique)]
+
+
+def _covers(wide: str, narrow: str) -> bool:
+    wide_tokens, narrow_tokens = wide.split("."), narrow.split(".")
+    for i, token in enumerate(wide_tokens):
+        if token == ">":
+            return len(narrow_tokens) > i
+        if i >= len(narrow_tokens):
+            return False
+        if token != "*" and token != narrow_tokens[i]:
+            return False
+        if token == "*" and narrow_tokens[i] == ">":
+            return False
+    return len(wide_tokens) == len(narrow_tokens)
+
+
+@dataclass(slots=True)
+class _Lane:
+    queue: asyncio.Queue[Msg] = field(default_factory=asyncio.Queue)
+    task: asyncio.Task[None] | None = None
+
+
+class EventDispatcher:
+    """Delivers the events one agent type subscribed to.
+
+    Args:
+        js: JetStream context.
+        client: Sends each event to its agent through the gateway.
+        subjects: The mesh's names.
+        agent_type: Whose events.
+        config: Retries, timeouts, batch sizes.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        client: MeshClient,
+        subjects: Subjects,
+        agent_type: str,
+        config: EventsConfig,
+    ) -> None:
+        self._js = js
+        self._client = client
+        self._subjects = subjects
+        self.agent_type = agent_type
+        self._config = config
+        self.durable = f"{subjects.prefix}-deliver-{escape_token(agent_type)}"
+        self.subscriptions: list[Subscription] = []
+        self.stats: dict[str, SubscriptionStats] = {}
+        self._filters: list[str] = []
+        self._lanes: dict[str, _Lane] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def update(self, subscriptions: Sequence[Subscription]) -> None:
+        """Deliver for these subscriptions from now on (starting or narrowing as needed)."""
+        self.subscriptions = list(subscriptions)
+        for sub in self.subscriptions:
+            self.stats.setdefault(sub.id, SubscriptionStats())
+        filters = covering_filters([s.subject_filter(self._subjects) for s in subscriptions])
+        if filters != self._filters:
+            self._filters = filters
+            await self._js.add_consumer(
+                self._subjects.stream("events"),
+                ConsumerConfig(
+                    durable_name=self.durable,
+                    description=f"events for agent type {self.agent_type}",
+                    ack_policy=AckPolicy.EXPLICIT,
+                    deliver_policy=DeliverPolicy.NEW,
+                    filter_subjects=filters,
+                    ack_wait=self._config.ack_wait,
+                    max_ack_pending=self._config.max_ack_pending,
+                ),
+            )
+        if self._task is None:
+            self._task = asyncio.create_task(self._pull(), name=f"events:{self.agent_type}")
+
+    async def _pull(self) -> None:
+        subscription = await self._js.pull_subscribe_bind(
+            durable=self.durable, stream=self._subjects.stream("events")
+        )
+        try:
+            while True:
+                try:
+                    batch = await subscription.fetch(self._config.batch, timeout=1.0)
+                except (NatsTimeoutError, TimeoutError):
+                    continue
+                except Exception as exc:
+                    logger.warning("fetching events for %s failed: %s", self.agent_type, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in batch:
+                    self._enqueue(msg)
+        finally:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+
+    def _enqueue(self, msg: Msg) -> None:
+        source = msg.subject.rsplit(".", 1)[-1]
+        lane = self._lanes.get(source)
+        if lane is None:
+            lane = self._lanes[source] = _Lane()
+        lane.queue.put_nowait(msg)
+        if lane.task is None:
+            lane.task = asyncio.create_task(self._drive(source, lane))
+
+    async def _drive(self, source: str, lane: _Lane) -> None:
+        try:
+            while not lane.queue.empty():
+                await self._deliver(lane.queue.get_nowait())
+        finally:
+            lane.task = None
+            if lane.queue.empty() or self._task is None:
+                self._lanes.pop(source, None)
+            else:  # something arrived as we finished
+                lane.task = asyncio.create_task(self._drive(source, lane))
+
+    def _matching(self, topic: TopicId) -> list[Subscription]:
+        now = datetime.now(UTC)
+        return [s for s in self.subscriptions if s.matches(topic) and not s.is_expired(now)]
+
+    async def _deliver(self, msg: Msg) -> None:
+        try:
+            topic = self._subjects.parse_events(msg.subject)
+        except InvalidIdError as exc:
+            await self._dead_letter(msg, exc)
+            return
+        matching = self._matching(topic)
+        if not matching:
+            await msg.ack()  # no subscription (any more) wants it
+            return
+        now = datetime.now(UTC)
+        for sub in matching:
+            stats = self.stats.setdefault(sub.id, SubscriptionStats())
+            stats.matches += 1
+            stats.last_matched = now
+        headers = {
+            name: value for name, value in (msg.headers or {}).items() if name in EVENT_HEADERS
+        }
+        headers[TOPIC] = str(topic)
+        headers[REQUEST_ID] = f"event-{msg.metadata.sequence.stream}"
+        started = time.monotonic()
+        try:
+            await self._client.send_raw(
+                AgentId(self.agent_type, topic.source),
+                msg.data,
+                headers=headers,
+                timeout=self._config.handler_timeout,
+            )
+        except MeshError as exc:
+            deliveries = msg.metadata.num_delivered
+            if deliveries >= self._config.max_deliveries:
+                await self._dead_letter(msg, exc)
+            else:
+                delay = min(self._config.retry_delay * 2 ** (deliveries - 1), 60.0)
+                logger.info(
+                    "event %s for %s failed (%s); retry %d in %.1fs",
+                    msg.metadata.sequence.stream,
+                    self.agent_type,
+                    exc,
+                    deliveries,
+                    delay,
+                )
+                await msg.nak(delay=delay)
+            return
+        elapsed = time.monotonic() - started
+        await msg.ack()
+        for sub in matching:
+            stats = self.stats[sub.id]
+            stats.successes += 1
+            stats.handling_seconds += elapsed
+
+    async def _dead_letter(self, msg: Msg, error: MeshError) -> None:
+        headers = dict(msg.headers or {})
+        headers[ERROR] = error.message[:1024].replace("\n", " ")
+        headers[ERROR_CODE] = str(int(error.code))
+        headers[SUBJECT] = msg.subject
+        headers[DELIVERIES] = str(msg.metadata.num_delivered)
+        headers.pop("Nats-Msg-Id", None)
+        try:
+            await self._js.publish(self._subjects.dlq(self.agent_type), msg.data, headers=headers)
+        except Exception as exc:
+            logger.error("could not dead-letter an event for %s: %s", self.agent_type, exc)
+            await msg.nak(delay=self._config.retry_delay)
+            return
+        logger.warning("event on %s for %s dead-lettered: %s", msg.subject, self.agent_type, error)
+        await msg.term()
+
+    async def stop(self, *, delete: bool = False) -> None:
+        """Stop delivering; with `delete`, remove the consumer too."""
+        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
+        if self._task is not None:
+            tasks.append(self._task)
+            self._task = None
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._lanes.clear()
+        if delete:
+            with contextlib.suppress(Exception):
+                await self._js.delete_consumer(self._subjects.stream("events"), self.durable)
+            self._filters = []

@@ -1,0 +1,279 @@
+"""The router service (``mesh-router``): subscriptions and event delivery.
+
+Subscriptions live in KV ``mesh-subscriptions`` under their id; a watch keeps this
+replica's copy fresh, and for every agent type that has any, an `EventDispatcher`
+delivers the matching events from ``MESH_EVENTS``. A dynamic subscription carries a
+TTL: its KV entry lapses by itself, and delivery also checks its ``expires_at``.
+
+Endpoints (``mesh.router.<op>``): subscribe, unsubscribe, subscriptions.
+
+Delivery keeps events of one source in order within one replica; run delivery in one
+replica (several replicas share each type's consumer, and then only at-least-once
+holds across them, not the order).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, ValidationError
+
+from mesh import __version__
+from mesh._connect import on_reconnect
+from mesh._control import model_reply, read_request
+from mesh._dispatch import EventDispatcher
+from mesh._kv import BucketConfig, KvMirror, MirroredEntry, ensure_bucket, put_with_ttl
+from mesh._micro import MicroService, Reply
+from mesh._streams import ensure_event_streams
+from mesh.client import MeshClient
+from mesh.config import EventsConfig
+from mesh.errors import BadRequestError, InvalidIdError
+from mesh.subjects import Subjects
+from mesh.subscriptions import Subscription, SubscriptionKind
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "router"
+
+
+class SubscribeRequest(BaseModel):
+    """Body of ``mesh.router.subscribe``; `ttl` (seconds) makes it dynamic."""
+
+    kind: SubscriptionKind
+    topic: str
+    agent_type: str
+    ttl: float | None = None
+
+
+class UnsubscribeRequest(BaseModel):
+    id: str
+
+
+class UnsubscribeReply(BaseModel):
+    removed: bool
+
+
+class ListRequest(BaseModel):
+    agent_type: str | None = None
+    never_matched: bool = False
+
+
+class SubscriptionReport(BaseModel):
+    subscription: Subscription
+    matches: int = 0
+    successes: int = 0
+    average_handling_time: float | None = None
+    last_matched: datetime | None = None
+
+
+class ListReply(BaseModel):
+    subscriptions: list[SubscriptionReport]
+
+
+def subscriptions_bucket(subjects: Subjects) -> BucketConfig:
+    return BucketConfig(
+        name=subjects.subscriptions_bucket,
+        description="mesh event subscriptions",
+        marker_ttl=60.0,
+    )
+
+
+class Router:
+    """One replica of the router service.
+
+    Args:
+        nc: A connected NATS client; the router does not close it.
+        subjects: The mesh's names.
+        config: Event retention and delivery settings.
+    """
+
+    def __init__(
+        self, nc: NATS, subjects: Subjects | None = None, config: EventsConfig | None = None
+    ) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self._subjects = subjects or Subjects()
+        self._config = config or EventsConfig()
+        self._client = MeshClient(nc, subjects=self._subjects)
+        self._subscriptions: dict[str, Subscription] = {}
+        self._dispatchers: dict[str, EventDispatcher] = {}
+        self._kv: KeyValue | None = None
+        self._mirror: KvMirror | None = None
+        self._changed = asyncio.Event()
+        self._reconciler: asyncio.Task[None] | None = None
+        self._service = MicroService(
+            nc,
+            name=self._subjects.micro_name(SERVICE),
+            version=__version__,
+            description="subscriptions and event delivery",
+        )
+        self._forget_reconnect: Callable[[], None] = lambda: None
+        self._started = False
+
+    async def start(self) -> None:
+        """Create the streams and bucket if absent, load subscriptions, start delivering."""
+        if self._started:
+            return
+        await ensure_event_streams(self._js, self._subjects, self._config.retention)
+        self._kv = await ensure_bucket(self._js, subscriptions_bucket(self._subjects))
+        self._mirror = KvMirror(self._kv, on_change=self._subscription_changed)
+        await self._mirror.start()
+        await self._reconcile()
+        self._reconciler = asyncio.create_task(self._reconcile_on_change(), name="router-reconcile")
+        queue = self._subjects.queue_group(SERVICE)
+        for op, handler in {
+            "subscribe": self._subscribe,
+            "unsubscribe": self._unsubscribe,
+            "subscriptions": self._list,
+        }.items():
+            await self._service.add_endpoint(
+                op, subject=self._subjects.service(SERVICE, op), handler=handler, queue_group=queue
+            )
+        await self._service.start()
+        self._forget_reconnect = on_reconnect(self._nc, self._mirror.restart)
+        self._started = True
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Stop serving and delivering; unacknowledged events are delivered again later."""
+        if not self._started:
+            return
+        self._started = False
+        self._forget_reconnect()
+        await self._service.stop(grace)
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reconciler
+        for dispatcher in self._dispatchers.values():
+            await dispatcher.stop()
+        if self._mirror is not None:
+            await self._mirror.aclose()
+
+    async def __aenter__(self) -> Router:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.shutdown()
+
+    # Subscriptions -> dispatchers
+
+    def _subscription_changed(self, key: str, entry: MirroredEntry | None) -> None:
+        if entry is None:
+            self._subscriptions.pop(key, None)
+        else:
+            try:
+                self._subscriptions[key] = Subscription.model_validate_json(entry.value)
+            except (ValidationError, InvalidIdError):
+                logger.warning("ignoring malformed subscription %r", key)
+                return
+        self._changed.set()
+
+    async def _reconcile_on_change(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            try:
+                await self._reconcile()
+            except Exception:
+                logger.exception("updating event delivery failed; retrying")
+                await asyncio.sleep(1.0)
+                self._changed.set()
+
+    async def _reconcile(self) -> None:
+        now = datetime.now(UTC)
+        by_type: dict[str, list[Subscription]] = defaultdict(list)
+        for sub in self._subscriptions.values():
+            if not sub.is_expired(now):
+                by_type[sub.agent_type].append(sub)
+        for agent_type, subs in sorted(by_type.items()):
+            dispatcher = self._dispatchers.get(agent_type)
+            if dispatcher is None:
+                dispatcher = self._dispatchers[agent_type] = EventDispatcher(
+                    self._js, self._client, self._subjects, agent_type, self._config
+                )
+            await dispatcher.update(subs)
+        for agent_type in [t for t in self._dispatchers if t not in by_type]:
+            await self._dispatchers.pop(agent_type).stop(delete=True)
+
+    def dispatcher(self, agent_type: str) -> EventDispatcher | None:
+        return self._dispatchers.get(agent_type)
+
+    # Endpoints
+
+    async def _subscribe(self, msg: Msg) -> Reply:
+        request = read_request(msg, SubscribeRequest)
+        assert self._kv is not None
+        now = datetime.now(UTC)
+        if request.ttl is not None and request.ttl <= 0:
+            raise BadRequestError("ttl must be positive seconds")
+        subscription = Subscription(
+            kind=request.kind,
+            topic=request.topic,
+            agent_type=request.agent_type,
+            created_at=now,
+            expires_at=now + timedelta(seconds=request.ttl) if request.ttl else None,
+        )
+        if request.ttl:
+            subscription.id = f"dyn-{uuid.uuid4().hex}"
+            await put_with_ttl(
+                self._js,
+                self._subjects.subscriptions_bucket,
+                subscription.id,
+                subscription.model_dump_json().encode(),
+                request.ttl,
+            )
+        else:
+            await self._kv.put(subscription.id, subscription.model_dump_json().encode())
+        return model_reply(msg, subscription)
+
+    async def _unsubscribe(self, msg: Msg) -> Reply:
+        request = read_request(msg, UnsubscribeRequest)
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(request.id)
+        except KeyNotFoundError:
+            return model_reply(msg, UnsubscribeReply(removed=False))
+        except Exception as exc:
+            raise BadRequestError(f"invalid subscription id {request.id!r}: {exc}") from exc
+        if entry.value is None:
+            return model_reply(msg, UnsubscribeReply(removed=False))
+        await self._kv.delete(request.id)
+        return model_reply(msg, UnsubscribeReply(removed=True))
+
+    async def _list(self, msg: Msg) -> Reply:
+        request = read_request(msg, ListRequest)
+        reports = []
+        for sub in sorted(self._subscriptions.values(), key=lambda s: (s.agent_type, s.id)):
+            if request.agent_type and sub.agent_type != request.agent_type:
+                continue
+            dispatcher = self._dispatchers.get(sub.agent_type)
+            stats = dispatcher.stats.get(sub.id) if dispatcher else None
+            if request.never_matched and stats is not None and stats.matches:
+                continue
+            reports.append(
+                SubscriptionReport(
+                    subscription=sub,
+                    matches=stats.matches if stats else 0,
+                    successes=stats.successes if stats else 0,
+                    average_handling_time=stats.average_handling_time if stats else None,
+                    last_matched=stats.last_matched if stats else None,
+                )
+            )
+        return model_reply(msg, ListReply(subscriptions=reports))

@@ -1,0 +1,278 @@
+"""Events on JetStream: subscriptions, at-least-once delivery, order per source, DLQ."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from mesh import AgentId, InvalidIdError, MeshClient, TopicId
+from mesh._control import control_request
+from mesh.config import EventsConfig
+from mesh.handlers.gateway import Gateway
+from mesh.handlers.router import Router, SubscribeRequest
+from mesh.subjects import Subjects
+from mesh.subscriptions import Subscription
+from mesh.testing import eventually
+from tests.agents import HANDLED_SUBJECT
+from tests.helpers import assert_error
+
+AGENTS = (
+    "tests.agents:Ledger",
+    "tests.agents:Auditor",
+    "tests.agents:Greeter",
+    "tests.agents:Fragile",
+)
+
+
+@pytest.fixture
+async def router(nc: NATS, subjects: Subjects, gateway: Gateway) -> AsyncIterator[Router]:
+    config = EventsConfig(max_deliveries=3, retry_delay=0.05, handler_timeout=3.0, ack_wait=5.0)
+    async with Router(nc, subjects, config) as service:
+        yield service
+
+
+@pytest.fixture
+async def handled(nc: NATS) -> AsyncIterator[Counter[str]]:
+    """``type/key/n`` of every handled event, as the agents announce them."""
+    seen: Counter[str] = Counter()
+
+    async def note(msg: Msg) -> None:
+        seen[msg.data.decode()] += 1
+
+    sub = await nc.subscribe(HANDLED_SUBJECT, cb=note)
+    yield seen
+    await sub.unsubscribe()
+
+
+async def _ready(router: Router, gateway: Gateway, workers: int) -> None:
+    for agent_type, count in (("ledger", 2), ("auditor", 1), ("greeter", 1), ("fragile", 1)):
+        await eventually(
+            lambda t=agent_type, c=count: (
+                (d := router.dispatcher(t)) is not None and len(d.subscriptions) == c
+            ),
+            timeout=15,
+            message=f"{agent_type} subscriptions",
+        )
+        await eventually(
+            lambda t=agent_type: len(gateway.directory.live_workers(t)) == workers, timeout=15
+        )
+
+
+async def _log(client: MeshClient, agent_type: str, key: str) -> dict[str, object]:
+    reply = await client.call(AgentId(agent_type, key), {}, message_type="GetLog")
+    assert isinstance(reply, dict)
+    return reply
+
+
+async def test_type_prefix_and_default_subscriptions_reach_the_right_agents(
+    nc: NATS,
+    subjects: Subjects,
+    gateway: Gateway,
+    router: Router,
+    spawn_worker: type,
+    handled: Counter[str],
+) -> None:
+    spawn_worker(*AGENTS, worker_id="events")
+    await _ready(router, gateway, 1)
+    client = MeshClient(nc, subjects=subjects)
+    await client.publish(TopicId("orders.created", "shop-1"), {"n": 1}, message_type="OrderEvent")
+    await client.publish(TopicId("ordinal", "shop 2"), {"n": 2}, message_type="OrderEvent")
+    await client.publish(TopicId("default", "visitor"), {"n": 3}, message_type="OrderEvent")
+    await client.publish(TopicId("orders", "shop-1"), {"n": 4}, message_type="OrderEvent")
+    expected = {
+        "ledger/shop-1/1",
+        "auditor/shop-1/1",
+        "auditor/shop 2/2",
+        "greeter/visitor/3",
+        "auditor/shop-1/4",
+    }
+    await eventually(lambda: set(handled) >= expected, timeout=10)
+    # "orders.created" matches both of the ledger's subscriptions: handled once.
+    assert handled["ledger/shop-1/1"] == 1
+    # "orders" is not "orders.created" and does not start with "orders.".
+    assert "ledger/shop-1/4" not in handled
+    log = await _log(client, "ledger", "shop-1")
+    assert log["seen"] == [1]
+    assert log["topics"] == ["orders.created/shop-1"]
+    assert (await _log(client, "greeter", "visitor"))["seen"] == [3]
+
+
+async def test_events_from_one_source_arrive_in_order_across_two_workers(
+    nc: NATS,
+    subjects: Subjects,
+    gateway: Gateway,
+    router: Router,
+    spawn_worker: type,
+    handled: Counter[str],
+) -> None:
+    spawn_worker(*AGENTS, worker_id="ev-a")
+    spawn_worker(*AGENTS, worker_id="ev-b")
+    await _ready(router, gateway, 2)
+    client = MeshClient(nc, subjects=subjects)
+    sources = [f"src-{i}" for i in range(10)]
+    await asyncio.gather(
+        *(
+            client.publish(
+                TopicId("orders.created", sources[n % 10]), {"n": n}, message_type="OrderEvent"
+            )
+            for n in range(1000)
+        )
+    )
+    await eventually(lambda: sum(1 for k in handled if k.startswith("ledger/")) == 1000, timeout=60)
+    workers = set()
+    for i, source in enumerate(sources):
+        log = await _log(client, "ledger", source)
+        assert log["seen"] == [n for n in range(1000) if n % 10 == i], source
+        workers.add(log["worker"])
+    assert workers == {"ev-a", "ev-b"}
+    assert all(count == 1 for key, count in handled.items() if key.startswith("ledger/"))
+
+
+async def test_killed_worker_loses_no_acknowledged_event(
+    nc: NATS,
+    subjects: Subjects,
+    gateway: Gateway,
+    router: Router,
+    spawn_worker: type,
+    handled: Counter[str],
+) -> None:
+    victim = spawn_worker(*AGENTS, worker_id="victim")
+    spawn_worker(*AGENTS, worker_id="survivor")
+    await _ready(router, gateway, 2)
+    client = MeshClient(nc, subjects=subjects)
+    published = 0
+
+    async def publish(count: int) -> None:
+        nonlocal published
+        for _ in range(count):
+            await client.publish(
+                TopicId("orders.created", f"k{published % 20}"),
+                {"n": published},
+                message_type="OrderEvent",
+            )
+            published += 1
+
+    await publish(300)
+    await eventually(lambda: sum(1 for k in handled if k.startswith("ledger/")) >= 100, timeout=20)
+    victim.kill()
+    await publish(300)
+    expected = {f"ledger/k{n % 20}/{n}" for n in range(600)}
+    await eventually(lambda: expected <= set(handled), timeout=60, message="every event handled")
+
+
+async def test_event_whose_handler_keeps_failing_goes_to_the_dlq(
+    nc: NATS,
+    subjects: Subjects,
+    gateway: Gateway,
+    router: Router,
+    spawn_worker: type,
+) -> None:
+    spawn_worker(*AGENTS, worker_id="events")
+    await _ready(router, gateway, 1)
+    client = MeshClient(nc, subjects=subjects)
+    js = nc.jetstream()
+    dlq = await js.subscribe(subjects.dlq("fragile"), stream=subjects.stream("dlq"))
+    await client.publish(
+        TopicId("poison", "p1"),
+        {"n": 7},
+        message_type="OrderEvent",
+        headers={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+    )
+    dead = await dlq.next_msg(timeout=10)
+    assert orjson.loads(dead.data) == {"n": 7}
+    assert dead.headers is not None
+    assert dead.headers["Mesh-Error-Code"] == "500"
+    assert "cannot digest order 7" in dead.headers["Mesh-Error"]
+    assert dead.headers["Mesh-Deliveries"] == "3"
+    assert dead.headers["Mesh-Subject"] == f"{subjects.prefix}.events.poison.p1"
+    assert dead.headers["traceparent"].startswith("00-0af7651916cd")
+    assert dead.headers["Mesh-Msg-Type"] == "OrderEvent"
+    await dlq.unsubscribe()
+
+
+async def test_dynamic_subscription_stops_delivering_after_its_ttl(
+    nc: NATS,
+    subjects: Subjects,
+    gateway: Gateway,
+    router: Router,
+    spawn_worker: type,
+    handled: Counter[str],
+) -> None:
+    spawn_worker(*AGENTS, worker_id="events")
+    await _ready(router, gateway, 1)
+    reply = await control_request(
+        nc,
+        subjects.service("router", "subscribe"),
+        SubscribeRequest(kind="type", topic="flash.sale", agent_type="ledger", ttl=1.0),
+        Subscription,
+        timeout=2,
+    )
+    assert reply is not None and reply.expires_at is not None
+    await eventually(lambda: len(router.dispatcher("ledger").subscriptions) == 3, timeout=5)  # type: ignore[union-attr]
+    client = MeshClient(nc, subjects=subjects)
+    await client.publish(TopicId("flash.sale", "s"), {"n": 1}, message_type="OrderEvent")
+    await eventually(lambda: "ledger/s/1" in handled, timeout=5)
+    await eventually(lambda: len(router.dispatcher("ledger").subscriptions) == 2, timeout=5)  # type: ignore[union-attr]
+    await client.publish(TopicId("flash.sale", "s"), {"n": 2}, message_type="OrderEvent")
+    await client.publish(TopicId("orders.created", "s"), {"n": 3}, message_type="OrderEvent")
+    await eventually(lambda: "ledger/s/3" in handled, timeout=5)
+    assert "ledger/s/2" not in handled
+
+
+async def test_duplicate_message_id_is_handled_once(
+    nc: NATS,
+    subjects: Subjects,
+    gateway: Gateway,
+    router: Router,
+    spawn_worker: type,
+    handled: Counter[str],
+) -> None:
+    spawn_worker(*AGENTS, worker_id="events")
+    await _ready(router, gateway, 1)
+    client = MeshClient(nc, subjects=subjects)
+    topic = TopicId("orders.created", "dup")
+    first = await client.publish(topic, {"n": 1}, message_type="OrderEvent", message_id="order-1")
+    again = await client.publish(topic, {"n": 1}, message_type="OrderEvent", message_id="order-1")
+    assert (first.duplicate, again.duplicate) == (None, True) or not first.duplicate
+    assert again.duplicate
+    await client.publish(topic, {"n": 2}, message_type="OrderEvent", message_id="order-2")
+    await eventually(lambda: "ledger/dup/2" in handled, timeout=10)
+    assert handled["ledger/dup/1"] == 1
+    assert (await _log(client, "ledger", "dup"))["seen"] == [1, 2]
+
+
+async def test_bad_topics_and_subscriptions_get_400(
+    nc: NATS, subjects: Subjects, router: Router
+) -> None:
+    with pytest.raises(InvalidIdError) as raised:
+        TopicId("orders..created", "s")
+    assert raised.value.code == 400
+    with pytest.raises(InvalidIdError):
+        TopicId("orders", "")
+    for body in (
+        {"kind": "type", "topic": "a..b", "agent_type": "ledger"},
+        {"kind": "prefix", "topic": "a b", "agent_type": "ledger"},
+        {"kind": "type", "topic": "ok", "agent_type": "no/slash"},
+    ):
+        reply = await nc.request(
+            subjects.service("router", "subscribe"), orjson.dumps(body), timeout=2
+        )
+        assert_error(reply, 400, "InvalidId")
+    reply = await nc.request(
+        subjects.service("router", "subscribe"),
+        orjson.dumps({"kind": "sometimes", "topic": "x", "agent_type": "ledger"}),
+        timeout=2,
+    )
+    assert_error(reply, 400, "InvalidPayload")
+    reply = await nc.request(
+        subjects.service("router", "subscribe"),
+        orjson.dumps({"kind": "type", "topic": "x", "agent_type": "ledger", "ttl": -1}),
+        timeout=2,
+    )
+    assert_error(reply, 400, "BadRequest")
