@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from mesh.agent import Agent, AgentDefinitionError, MessageContext, handler
 from mesh.client import MeshClient
 from mesh.codec import JSON, MSGPACK
-from mesh.config import ConnectConfig, GatewayConfig, RegistryConfig, WorkerConfig
+from mesh.config import ConnectConfig, EventsConfig, GatewayConfig, RegistryConfig, WorkerConfig
 from mesh.errors import (
     AgentTypeNotFoundError,
     BadRequestError,
@@ -28,6 +28,15 @@ from mesh.errors import (
 from mesh.ids import AgentId, TopicId
 from mesh.server import NatsServer
 from mesh.subjects import Subjects
+from mesh.subscriptions import (
+    DefaultSubscription,
+    Subscription,
+    TypePrefixSubscription,
+    TypeSubscription,
+    default_subscription,
+    type_prefix_subscription,
+    type_subscription,
+)
 from mesh.worker import Worker
 
 __all__ = [
@@ -42,7 +51,9 @@ __all__ = [
     "ConnectConfig",
     "DeadlineExceededError",
     "DecodeError",
+    "DefaultSubscription",
     "ErrorCode",
+    "EventsConfig",
     "ForbiddenError",
     "GatewayConfig",
     "HandlerError",
@@ -57,12 +68,18 @@ __all__ = [
     "RateLimitedError",
     "RegistryConfig",
     "Subjects",
+    "Subscription",
     "TopicId",
+    "TypePrefixSubscription",
+    "TypeSubscription",
     "UnauthorizedError",
     "UnknownMessageTypeError",
     "Worker",
     "WorkerConfig",
     "WorkerNotRegisteredError",
     "__version__",
+    "default_subscription",
     "handler",
+    "type_prefix_subscription",
+    "type_subscription",
 ]
