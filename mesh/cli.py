@@ -11,11 +11,13 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from mesh._connect import connect
+from mesh._control import control_request
 from mesh.agent import Agent
 from mesh.client import MeshClient
 from mesh.codec import JSON_CODEC, MSGPACK_CODEC
@@ -233,6 +235,52 @@ async def cmd_subscriptions(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_routes(args: argparse.Namespace) -> int:
+    from mesh.handlers.router import RemovedReply, RouteRequest, RuleDeleteRequest, RulesReply
+    from mesh.routing import RouteRule, RoutingDecision, load_rules
+
+    subjects = Subjects(args.prefix)
+    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
+    nc = await connect(connect_config, name="mesh-cli", reconnect=False)
+    try:
+        if args.action == "load":
+            rules = load_rules(await asyncio.to_thread(Path(args.arg).read_text))
+            for rule in rules:
+                await control_request(
+                    nc, subjects.service("router", "rule_put"), rule, RouteRule, timeout=3
+                )
+            print(f"loaded {len(rules)} rules")
+        elif args.action == "remove":
+            removed = await control_request(
+                nc,
+                subjects.service("router", "rule_delete"),
+                RuleDeleteRequest(id=args.arg),
+                RemovedReply,
+                timeout=3,
+            )
+            print("removed" if removed and removed.removed else "no such rule")
+        elif args.action == "route":
+            decision = await control_request(
+                nc,
+                subjects.service("router", "route"),
+                RouteRequest(text=args.arg, sender=args.sender),
+                RoutingDecision,
+                timeout=3,
+            )
+            assert decision is not None
+            print(decision.model_dump_json(indent=2))
+        else:
+            listed = await control_request(
+                nc, subjects.service("router", "rules"), None, RulesReply, timeout=3
+            )
+            for rule in listed.rules if listed else []:
+                what = f"/{rule.pattern}/" if rule.pattern else f"sender {rule.sender_type}"
+                print(f"{rule.id:16} -> {rule.target:14} {rule.confidence:.2f}  {what}")
+    finally:
+        await close_connection(nc)
+    return 0
+
+
 async def cmd_workers(args: argparse.Namespace) -> int:
     from mesh._tables import fetch_types, fetch_workers, print_types, print_workers
 
@@ -322,6 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     subscriptions = commands.add_parser("subscriptions", help="list subscriptions and stats")
     subscriptions.add_argument("--never-matched", action="store_true")
 
+    routes = commands.add_parser(
+        "routes", help="content routing: list | load FILE | remove ID | route TEXT"
+    )
+    routes.add_argument("action", choices=("list", "load", "remove", "route"))
+    routes.add_argument("arg", nargs="?", default="", metavar="FILE|ID|TEXT")
+    routes.add_argument("--sender", help="type/key of the sending agent, for route")
+
     commands.add_parser("workers", help="list live workers")
     commands.add_parser("agents", help="list agent types and their workers")
 
@@ -342,6 +397,7 @@ COMMANDS = {
     "worker": cmd_worker,
     "call": cmd_call,
     "publish": cmd_publish,
+    "routes": cmd_routes,
     "subscriptions": cmd_subscriptions,
     "workers": cmd_workers,
     "agents": cmd_workers,

@@ -216,3 +216,27 @@ class EventsConfig:
             max_ack_pending=_int(env, "MESH_EVENTS_MAX_ACK_PENDING", default.max_ack_pending),
             batch=_int(env, "MESH_EVENTS_BATCH", default.batch),
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoutingConfig:
+    """Settings of content-based routing (``mesh.router.route``).
+
+    Attributes:
+        default_target: The agent type for messages that nothing else routes.
+        min_confidence: Rules less confident than this do not decide alone.
+        min_similarity: Routed messages less similar than this do not vote.
+    """
+
+    default_target: str = "assistant"
+    min_confidence: float = 0.6
+    min_similarity: float = 0.3
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> RoutingConfig:
+        default = cls()
+        return cls(
+            default_target=env.get("MESH_ROUTER_DEFAULT") or default.default_target,
+            min_confidence=_float(env, "MESH_ROUTER_MIN_CONFIDENCE", default.min_confidence),
+            min_similarity=_float(env, "MESH_ROUTER_MIN_SIMILARITY", default.min_similarity),
+        )

@@ -15,6 +15,7 @@ declare theirs with the class decorators `type_subscription`,
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from datetime import datetime
 from typing import Literal, TypeVar
@@ -26,6 +27,7 @@ from mesh.ids import TOPIC_TYPE_PATTERN, TopicId, validate_agent_type, validate_
 from mesh.subjects import Subjects, escape_token
 
 SubscriptionKind = Literal["type", "prefix"]
+_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
 DEFAULT_TOPIC_TYPE = "default"
 
 C = TypeVar("C", bound=type)
@@ -45,10 +47,12 @@ class Subscription(BaseModel):
         validate_agent_type(self.agent_type)
         if self.kind == "type":
             validate_topic_type(self.topic)
-        elif not self.topic or not TOPIC_TYPE_PATTERN.fullmatch(self.topic):
-            raise InvalidIdError(f"invalid topic type prefix {self.topic!r}")
+        else:
+            validate_prefix(self.topic)
         if not self.id:
             self.id = self.stable_id()
+        elif not _ID_PATTERN.fullmatch(self.id):
+            raise InvalidIdError(f"invalid subscription id {self.id!r}")
 
     def stable_id(self) -> str:
         """The same id for the same subscription, so that declaring it twice is harmless."""
@@ -77,6 +81,17 @@ class Subscription(BaseModel):
         return self.expires_at is not None and now >= self.expires_at
 
 
+def validate_prefix(prefix: str) -> str:
+    """A topic type prefix: topic type characters, no empty segment but a trailing one."""
+    if (
+        not isinstance(prefix, str)
+        or not TOPIC_TYPE_PATTERN.fullmatch(prefix)
+        or "" in prefix.split(".")[:-1]
+    ):
+        raise InvalidIdError(f"invalid topic type prefix {prefix!r}")
+    return prefix
+
+
 def TypeSubscription(topic_type: str, agent_type: str) -> Subscription:
     """Events on topic type `topic_type` go to ``AgentId(agent_type, source)``."""
     return Subscription(kind="type", topic=topic_type, agent_type=agent_type)
@@ -97,9 +112,8 @@ _DECLARED = "__mesh_subscriptions__"
 
 def _declare(kind: SubscriptionKind, topic: str) -> Callable[[C], C]:
     def decorate(cls: C) -> C:
-        declared = list(getattr(cls, _DECLARED, ()))
-        declared.append((kind, topic))
-        setattr(cls, _DECLARED, tuple(declared))
+        own = cls.__dict__.get(_DECLARED, ())  # this class's own, not inherited
+        setattr(cls, _DECLARED, (*own, (kind, topic)))
         return cls
 
     return decorate
@@ -113,6 +127,7 @@ def type_subscription(topic_type: str) -> Callable[[C], C]:
 
 def type_prefix_subscription(prefix: str) -> Callable[[C], C]:
     """Class decorator: the agent type receives events on topic types starting `prefix`."""
+    validate_prefix(prefix)
     return _declare("prefix", prefix)
 
 
@@ -123,7 +138,8 @@ def default_subscription(cls: C) -> C:
 
 def declared_subscriptions(cls: type, agent_type: str) -> list[Subscription]:
     """The subscriptions an agent class declared with the decorators."""
-    return [
-        Subscription(kind=kind, topic=topic, agent_type=agent_type)
-        for kind, topic in getattr(cls, _DECLARED, ())
-    ]
+    found: dict[tuple[str, str], None] = {}
+    for klass in reversed(cls.__mro__):  # every base's declarations, each once
+        for declaration in klass.__dict__.get(_DECLARED, ()):
+            found[declaration] = None
+    return [Subscription(kind=kind, topic=topic, agent_type=agent_type) for kind, topic in found]

@@ -230,8 +230,11 @@ class _Recording(Agent):
 
 @type_subscription("orders.created")
 @type_prefix_subscription("orders.")
-class Ledger(_Recording, agent_type="ledger"):
-    """Two overlapping subscriptions: each event must still arrive once."""
+class Ledger(_Recording, agent_type="ledger", strategy="round_robin"):
+    """Two overlapping subscriptions: each event must still arrive once.
+
+    Round robin spreads its sources over the workers, which the ordering test needs.
+    """
 
     @handler
     async def on_order(self, message: OrderEvent, ctx: MessageContext) -> None:

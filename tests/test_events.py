@@ -209,7 +209,7 @@ async def test_dynamic_subscription_stops_delivering_after_its_ttl(
     reply = await control_request(
         nc,
         subjects.service("router", "subscribe"),
-        SubscribeRequest(kind="type", topic="flash.sale", agent_type="ledger", ttl=1.0),
+        SubscribeRequest(kind="type", topic="flash.sale", agent_type="ledger", ttl=3.0),
         Subscription,
         timeout=2,
     )
@@ -218,7 +218,7 @@ async def test_dynamic_subscription_stops_delivering_after_its_ttl(
     client = MeshClient(nc, subjects=subjects)
     await client.publish(TopicId("flash.sale", "s"), {"n": 1}, message_type="OrderEvent")
     await eventually(lambda: "ledger/s/1" in handled, timeout=5)
-    await eventually(lambda: len(router.dispatcher("ledger").subscriptions) == 2, timeout=5)  # type: ignore[union-attr]
+    await eventually(lambda: len(router.dispatcher("ledger").subscriptions) == 2, timeout=10)  # type: ignore[union-attr]
     await client.publish(TopicId("flash.sale", "s"), {"n": 2}, message_type="OrderEvent")
     await client.publish(TopicId("orders.created", "s"), {"n": 3}, message_type="OrderEvent")
     await eventually(lambda: "ledger/s/3" in handled, timeout=5)

@@ -5,7 +5,11 @@ replica's copy fresh, and for every agent type that has any, an `EventDispatcher
 delivers the matching events from ``MESH_EVENTS``. A dynamic subscription carries a
 TTL: its KV entry lapses by itself, and delivery also checks its ``expires_at``.
 
-Endpoints (``mesh.router.<op>``): subscribe, unsubscribe, subscriptions.
+It also routes by content (`mesh.routing.ContentRouter`): rules in KV ``mesh-routes``
+(watched, compiled once per change), then what feedback taught it, then a default.
+
+Endpoints (``mesh.router.<op>``): subscribe, unsubscribe, subscriptions; route,
+feedback, rules, rule_put, rule_delete.
 
 Delivery keeps events of one source in order within one replica; run delivery in one
 replica (several replicas share each type's consumer, and then only at-least-once
@@ -27,7 +31,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from mesh import __version__
 from mesh._connect import on_reconnect
@@ -37,8 +41,10 @@ from mesh._kv import BucketConfig, KvMirror, MirroredEntry, ensure_bucket, put_w
 from mesh._micro import MicroService, Reply
 from mesh._streams import ensure_event_streams
 from mesh.client import MeshClient
-from mesh.config import EventsConfig
-from mesh.errors import BadRequestError, InvalidIdError
+from mesh.config import EventsConfig, RoutingConfig
+from mesh.errors import BadRequestError, InvalidIdError, MeshError
+from mesh.ids import AgentId
+from mesh.routing import ContentRouter, RouteRule
 from mesh.subjects import Subjects
 from mesh.subscriptions import Subscription, SubscriptionKind
 
@@ -60,8 +66,31 @@ class UnsubscribeRequest(BaseModel):
     id: str
 
 
-class UnsubscribeReply(BaseModel):
+class RemovedReply(BaseModel):
     removed: bool
+
+
+class RouteRequest(BaseModel):
+    text: str
+    sender: str | None = Field(None, description="type/key of the sending agent")
+
+
+class FeedbackRequest(BaseModel):
+    decision_id: str
+    success: bool
+    correct_target: str | None = None
+
+
+class FeedbackReply(BaseModel):
+    known: bool
+
+
+class RuleDeleteRequest(BaseModel):
+    id: str
+
+
+class RulesReply(BaseModel):
+    rules: list[RouteRule]
 
 
 class ListRequest(BaseModel):
@@ -79,6 +108,10 @@ class SubscriptionReport(BaseModel):
 
 class ListReply(BaseModel):
     subscriptions: list[SubscriptionReport]
+
+
+def routes_bucket(subjects: Subjects) -> BucketConfig:
+    return BucketConfig(name=subjects.bucket("routes"), description="mesh content routing rules")
 
 
 def subscriptions_bucket(subjects: Subjects) -> BucketConfig:
@@ -99,7 +132,11 @@ class Router:
     """
 
     def __init__(
-        self, nc: NATS, subjects: Subjects | None = None, config: EventsConfig | None = None
+        self,
+        nc: NATS,
+        subjects: Subjects | None = None,
+        config: EventsConfig | None = None,
+        routing: RoutingConfig | None = None,
     ) -> None:
         self._nc = nc
         self._js = nc.jetstream()
@@ -111,6 +148,14 @@ class Router:
         self._kv: KeyValue | None = None
         self._mirror: KvMirror | None = None
         self._changed = asyncio.Event()
+        routing = routing or RoutingConfig()
+        self.content_router = ContentRouter(
+            routing.default_target,
+            min_confidence=routing.min_confidence,
+            min_similarity=routing.min_similarity,
+        )
+        self._routes_kv: KeyValue | None = None
+        self._routes_mirror: KvMirror | None = None
         self._reconciler: asyncio.Task[None] | None = None
         self._service = MicroService(
             nc,
@@ -131,18 +176,31 @@ class Router:
         await self._mirror.start()
         await self._reconcile()
         self._reconciler = asyncio.create_task(self._reconcile_on_change(), name="router-reconcile")
+        self._routes_kv = await ensure_bucket(self._js, routes_bucket(self._subjects))
+        self._routes_mirror = KvMirror(self._routes_kv, on_change=self._rule_changed)
+        await self._routes_mirror.start()
         queue = self._subjects.queue_group(SERVICE)
         for op, handler in {
             "subscribe": self._subscribe,
             "unsubscribe": self._unsubscribe,
             "subscriptions": self._list,
+            "route": self._route,
+            "feedback": self._feedback,
+            "rules": self._rules,
+            "rule_put": self._rule_put,
+            "rule_delete": self._rule_delete,
         }.items():
             await self._service.add_endpoint(
                 op, subject=self._subjects.service(SERVICE, op), handler=handler, queue_group=queue
             )
         await self._service.start()
-        self._forget_reconnect = on_reconnect(self._nc, self._mirror.restart)
+        self._forget_reconnect = on_reconnect(self._nc, self._rewatch)
         self._started = True
+
+    async def _rewatch(self) -> None:
+        for mirror in (self._mirror, self._routes_mirror):
+            if mirror is not None:
+                await mirror.restart()
 
     async def shutdown(self, grace: float = 5.0) -> None:
         """Stop serving and delivering; unacknowledged events are delivered again later."""
@@ -157,8 +215,9 @@ class Router:
                 await self._reconciler
         for dispatcher in self._dispatchers.values():
             await dispatcher.stop()
-        if self._mirror is not None:
-            await self._mirror.aclose()
+        for mirror in (self._mirror, self._routes_mirror):
+            if mirror is not None:
+                await mirror.aclose()
 
     async def __aenter__(self) -> Router:
         await self.start()
@@ -215,6 +274,52 @@ class Router:
     def dispatcher(self, agent_type: str) -> EventDispatcher | None:
         return self._dispatchers.get(agent_type)
 
+    # Content routing
+
+    def _rule_changed(self, key: str, entry: MirroredEntry | None) -> None:
+        if entry is None:
+            self.content_router.remove_rule(key)
+            return
+        try:
+            self.content_router.set_rule(RouteRule.model_validate_json(entry.value))
+        except (ValidationError, MeshError):
+            logger.warning("ignoring malformed routing rule %r", key)
+
+    async def _route(self, msg: Msg) -> Reply:
+        request = read_request(msg, RouteRequest)
+        sender_type = AgentId.parse(request.sender).type if request.sender else None
+        return model_reply(msg, self.content_router.route(request.text, sender_type))
+
+    async def _feedback(self, msg: Msg) -> Reply:
+        request = read_request(msg, FeedbackRequest)
+        known = self.content_router.feedback(
+            request.decision_id, request.success, request.correct_target
+        )
+        return model_reply(msg, FeedbackReply(known=known))
+
+    async def _rules(self, msg: Msg) -> Reply:
+        return model_reply(msg, RulesReply(rules=self.content_router.rules))
+
+    async def _rule_put(self, msg: Msg) -> Reply:
+        rule = read_request(msg, RouteRule)
+        assert self._routes_kv is not None
+        await self._routes_kv.put(rule.id, rule.model_dump_json().encode())
+        self.content_router.set_rule(rule)  # this replica at once; others by the watch
+        return model_reply(msg, rule)
+
+    async def _rule_delete(self, msg: Msg) -> Reply:
+        request = read_request(msg, RuleDeleteRequest)
+        assert self._routes_kv is not None
+        try:
+            await self._routes_kv.get(request.id)
+        except KeyNotFoundError:
+            return model_reply(msg, RemovedReply(removed=False))
+        except Exception as exc:
+            raise BadRequestError(f"invalid rule id {request.id!r}: {exc}") from exc
+        await self._routes_kv.delete(request.id)
+        self.content_router.remove_rule(request.id)
+        return model_reply(msg, RemovedReply(removed=True))
+
     # Endpoints
 
     async def _subscribe(self, msg: Msg) -> Reply:
@@ -249,13 +354,13 @@ class Router:
         try:
             entry = await self._kv.get(request.id)
         except KeyNotFoundError:
-            return model_reply(msg, UnsubscribeReply(removed=False))
+            return model_reply(msg, RemovedReply(removed=False))
         except Exception as exc:
             raise BadRequestError(f"invalid subscription id {request.id!r}: {exc}") from exc
         if entry.value is None:
-            return model_reply(msg, UnsubscribeReply(removed=False))
+            return model_reply(msg, RemovedReply(removed=False))
         await self._kv.delete(request.id)
-        return model_reply(msg, UnsubscribeReply(removed=True))
+        return model_reply(msg, RemovedReply(removed=True))
 
     async def _list(self, msg: Msg) -> Reply:
         request = read_request(msg, ListRequest)
