@@ -13,22 +13,30 @@ import contextlib
 import os
 import tempfile
 from collections import Counter as Tally
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from mesh._connect import connect
+from mesh._control import control_request
 from mesh._tables import fetch_workers, workers_table
 from mesh.cli import running_services
 from mesh.client import MeshClient
 from mesh.config import ConnectConfig
 from mesh.errors import MeshError
-from mesh.ids import AgentId
+from mesh.ids import AgentId, TopicId
 from mesh.server import NatsServer
 from mesh.subjects import Subjects
 from mesh.testing import WorkerProcess, eventually
 
-AGENTS = ("workers.echo:Echo", "workers.counter:Counter")
+AGENTS = (
+    "workers.echo:Echo",
+    "workers.counter:Counter",
+    "workers.orders:Billing",
+    "workers.orders:Audit",
+)
+SAMPLE_ROUTES = Path(__file__).resolve().parent / "samples" / "routes.json"
 HEARTBEAT = 0.5
 
 
@@ -204,6 +212,91 @@ async def _tour(tour: _Tour, workers: dict[str, WorkerProcess]) -> None:
     err = await tour.call_error("echo/slowpoke", {"text": "zzz", "delay": 5}, timeout=1.0)
     tour.expect(int(err.code) == 504, "a reply that misses its 1 s deadline: 504")
 
+    await _events(tour)
+    await _routing(tour)
+
+
+async def _ledger(tour: _Tour, agent: str) -> list[str]:
+    reply = await tour.client.call(AgentId.parse(agent), {}, message_type="GetLedger")
+    return list(reply["entries"])
+
+
+async def _events(tour: _Tour) -> None:
+    tour.step(
+        "Events reach every subscribing agent type",
+        "Events are stored in the JetStream stream MESH_EVENTS. billing subscribes to topic "
+        "type orders.created, audit to every topic type starting with 'orders.'; each event "
+        "on TopicId(<type>, 'shop-1') reaches AgentId(billing, 'shop-1') and "
+        "AgentId(audit, 'shop-1'), once each, acknowledged only after the handler succeeded.",
+    )
+    events = (
+        ("orders.created", {"order_id": "A-1", "amount": 12.5}),
+        ("orders.created", {"order_id": "A-2", "amount": 99.0}),
+        ("orders.shipped", {"order_id": "A-1"}),
+    )
+    for topic_type, payload in events:
+        ack = await tour.client.publish(
+            TopicId(topic_type, "shop-1"), payload, message_type="OrderEvent"
+        )
+        tour.console.print(f"  published on {topic_type}/shop-1: {payload} (stored #{ack.seq})")
+
+    async def both_handled() -> bool:
+        return (
+            len(await _ledger(tour, "billing/shop-1")) == 2
+            and len(await _ledger(tour, "audit/shop-1")) == 3
+        )
+
+    await eventually(both_handled, timeout=15, message="event delivery")
+    billing = await _ledger(tour, "billing/shop-1")
+    audit = await _ledger(tour, "audit/shop-1")
+    tour.console.print(f"  billing/shop-1: {billing}")
+    tour.console.print(f"  audit/shop-1:   {audit}")
+    tour.expect(
+        billing == ["billed A-1: 12.50", "billed A-2: 99.00"],
+        "billing got both new orders, in order",
+    )
+    tour.expect(
+        audit == ["orders.created A-1", "orders.created A-2", "orders.shipped A-1"],
+        "audit's prefix subscription also caught orders.shipped",
+    )
+
+
+async def _routing(tour: _Tour) -> None:
+    from mesh.handlers.router import RouteRequest
+    from mesh.routing import RouteRule, RoutingDecision, load_rules
+
+    tour.step(
+        "Messages are routed by content",
+        "The router decides which agent type should take a message: rules (loaded from "
+        "mesh/samples/routes.json into KV mesh-routes), then what feedback taught it, then a "
+        "default type.",
+    )
+    nc, subjects = tour.client.nc, tour.subjects
+    rules = load_rules(await asyncio.to_thread(SAMPLE_ROUTES.read_text))
+    for rule in rules:
+        await control_request(
+            nc, subjects.service("router", "rule_put"), rule, RouteRule, timeout=3
+        )
+    for text, expected in (
+        ("明天北京的天气怎么样", "weather"),
+        ("Please calculate 17 * 23", "calculator"),
+        ("Translate 'good morning' into French", "translator"),
+        ("Write me a limerick about NATS", "assistant"),
+    ):
+        decision = await control_request(
+            nc,
+            subjects.service("router", "route"),
+            RouteRequest(text=text),
+            RoutingDecision,
+            timeout=3,
+        )
+        assert decision is not None
+        tour.console.print(
+            f"  {text!r} → {decision.target} ({decision.strategy}, {decision.confidence:.2f}):"
+            f" {decision.reasoning}"
+        )
+        tour.expect(decision.target == expected, f"routed to {expected}")
+
 
 async def _has_all(client: MeshClient, subjects: Subjects, expected: set[str]) -> bool:
     return expected <= await _live_worker_ids(client, subjects)
@@ -230,9 +323,10 @@ async def run_demo(data_dir: str | None = None) -> int:
         console.print(f"NATS with JetStream is listening on {server.url}")
         console.print(f"worker logs go to {logs}")
         connect_config = ConnectConfig(url=server.url)
-        async with running_services(connect_config, ("registry", "gateway"), subjects):
+        async with running_services(connect_config, ("registry", "gateway", "router"), subjects):
             console.print(
-                "registry and gateway are serving (micro services mesh-registry, mesh-gateway)"
+                "registry, gateway and router are serving"
+                " (micro services mesh-registry, mesh-gateway, mesh-router)"
             )
             for worker_id in ("worker-a", "worker-b"):
                 workers[worker_id] = WorkerProcess(

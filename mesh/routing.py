@@ -209,7 +209,7 @@ class ContentRouter:
 
 
 def load_rules(text: str) -> list[RouteRule]:
-    """Rules from a rules file's JSON (``{"rules": [...]}``, see deploy/routes.sample.json).
+    """Rules from a rules file's JSON (``{"rules": [...]}``, see mesh/samples/routes.json).
 
     Raises:
         BadRequestError: The file is not such JSON, or a rule is invalid.

@@ -54,8 +54,9 @@ async def test_services_see_workers_again_soon_after_a_server_restart(tmp_path: 
         def both_live() -> bool:
             return {w.id for w in gateway.directory.live_workers("echo")} == {"before", "after"}
 
-        await eventually(both_live, timeout=10)
-        assert time.monotonic() - restarted_at < 8
+        # Without re-watching, the directory stays stale for about 15 s after a restart.
+        await eventually(both_live, timeout=12)
+        assert time.monotonic() - restarted_at < 12
         client = MeshClient(nc, subjects=subjects)
         replies = {
             (await client.call(AgentId("echo", f"k{i}"), {"text": "x"}))["worker"] for i in range(8)

@@ -14,7 +14,7 @@ from mesh.subjects import Subjects
 from tests.conftest import REPO
 from tests.helpers import assert_error
 
-SAMPLE = REPO / "deploy" / "routes.sample.json"
+SAMPLE = REPO / "mesh" / "samples" / "routes.json"
 
 
 def _sample_router() -> ContentRouter:
