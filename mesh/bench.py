@@ -30,6 +30,7 @@ from typing import Any
 import nats
 import orjson
 import psutil
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from pydantic import BaseModel
 from rich.console import Console
@@ -39,8 +40,10 @@ from mesh.agent import Agent, MessageContext, handler
 from mesh.client import MeshClient
 from mesh.config import ConnectConfig
 from mesh.errors import MeshError
-from mesh.ids import AgentId
+from mesh.ids import AgentId, TopicId
 from mesh.server import NatsServer, find_nats_server
+from mesh.subjects import Subjects
+from mesh.subscriptions import type_subscription
 from mesh.testing import WorkerProcess, eventually
 
 RAW_SUBJECT = "bench.raw"
@@ -69,6 +72,84 @@ class PooledEcho(Agent, agent_type="bench-pooled", stateless=True):
         if message.hold:
             await asyncio.sleep(message.hold)
         return message
+
+
+class BenchTick(BaseModel):
+    sent: float
+
+
+HANDLED_SUBJECT = "bench.handled"
+
+
+@type_subscription("bench.load")
+class BenchSink(Agent, agent_type="bench-sink"):
+    """Handles bench events; tells the bench, on core NATS, how long each took to arrive."""
+
+    @handler
+    async def tick(self, message: BenchTick, ctx: MessageContext) -> None:
+        if self._client is not None:
+            delay = time.time() - message.sent
+            await self._client.nc.publish(HANDLED_SUBJECT, str(delay).encode())
+
+
+async def _events(nc: NATS, subjects: Subjects, count: int, sources: int) -> dict[str, Any]:
+    """Raw JetStream publish_async, then mesh publish-to-handled, in the same run."""
+    js = nc.jetstream()
+    await js.add_stream(name="BENCH_RAW", subjects=["bench.raw.>"], max_age=600)
+    payload = orjson.dumps({"sent": time.time()})
+    started = time.perf_counter()
+    acks = [await js.publish_async(f"bench.raw.s{n % sources}", payload) for n in range(count)]
+    await asyncio.gather(*acks)
+    raw_rate = count / (time.perf_counter() - started)
+
+    handled: list[float] = []
+    all_handled = asyncio.Event()
+
+    async def note(msg: Msg) -> None:
+        handled.append(float(msg.data))
+        if len(handled) >= expected:
+            all_handled.set()
+
+    sub = await nc.subscribe(HANDLED_SUBJECT, cb=note)
+    headers = {"Content-Type": "application/json", "Mesh-Msg-Type": "BenchTick"}
+
+    async def publish(n: int) -> asyncio.Future[Any]:
+        body = orjson.dumps({"sent": time.time()})
+        topic = TopicId("bench.load", f"s{n % sources}")
+        ack: asyncio.Future[Any] = await js.publish_async(
+            subjects.events(topic), body, headers=headers
+        )
+        return ack
+
+    # End-to-end latency at a steady, moderate rate.
+    expected = 500
+    for n in range(expected):
+        await publish(n)
+        await asyncio.sleep(1 / 500)
+    async with asyncio.timeout(60):
+        await all_handled.wait()
+    steady = list(handled)
+    # Throughput: a burst, publish to handled.
+    handled.clear()
+    all_handled.clear()
+    expected = count
+    started = time.perf_counter()
+    acks = [await publish(n) for n in range(count)]
+    await asyncio.gather(*acks)
+    async with asyncio.timeout(300):
+        await all_handled.wait()
+    rate = count / (time.perf_counter() - started)
+    await sub.unsubscribe()
+    await js.delete_stream("BENCH_RAW")
+    return {
+        "events": count,
+        "sources": sources,
+        "handled": len(handled),
+        "raw_publish_async_per_s": raw_rate,
+        "handled_per_s": rate,
+        "p50_ms": statistics.median(steady) * 1e3,
+        "p95_ms": _percentile(steady, 0.95) * 1e3,
+    }
 
 
 async def _responder(url: str) -> None:
@@ -228,8 +309,15 @@ def _table(results: dict[str, Any], requests: int) -> Table:
     return table
 
 
+async def _subscribed(nc: NATS, agent_type: str) -> bool:
+    reply = await nc.request("mesh.router.subscriptions", b"{}", timeout=2)
+    listed = orjson.loads(reply.data).get("subscriptions", [])
+    return any(r["subscription"]["agent_type"] == agent_type for r in listed)
+
+
 async def run_bench(
     requests: int = 5000,
+    events: int = 20_000,
     inflight: int = 100_000,
     hold: float = 5.0,
     json_path: str | None = None,
@@ -245,11 +333,11 @@ async def run_bench(
         mesh_cli = [sys.executable, "-m", "mesh.cli", "--nats", server.url, "serve"]
         # The registry in a process of its own, as in production: a gateway holding
         # 100,000 requests must not delay the heartbeats the registry answers.
-        registry = subprocess.Popen([*mesh_cli, "registry"])  # noqa: ASYNC220
+        registry = subprocess.Popen([*mesh_cli, "registry", "router"])  # noqa: ASYNC220
         services = subprocess.Popen([*mesh_cli, "gateway"], env=env)  # noqa: ASYNC220
         worker = WorkerProcess(
             server.url,
-            ["mesh.bench:PlacedEcho", "mesh.bench:PooledEcho"],
+            ["mesh.bench:PlacedEcho", "mesh.bench:PooledEcho", "mesh.bench:BenchSink"],
             worker_id="bench-worker",
             heartbeat_interval=1.0,
             extra_args=["--max-in-flight", str(inflight * 2), "--capacity", str(inflight * 2)],
@@ -282,6 +370,11 @@ async def run_bench(
                 results[name] = await _measure(send, requests)
             console.print("gateway_rpc at a steady 1,000 requests/s…")
             results["gateway_rpc_at_1000_per_s"] = await _paced(placed, 1000, 5)
+            console.print(f"events: {events:,} published, publish to handled…")
+            await eventually(
+                lambda: _subscribed(nc, "bench-sink"), timeout=30, message="bench subscription"
+            )
+            results["events"] = await _events(nc, Subjects(), events, sources=100)
             console.print(f"holding {inflight:,} requests in flight for {hold:g}s each…")
             results["inflight_100k"] = await _hold_inflight(client, services.pid, inflight, hold)
         finally:
@@ -295,6 +388,13 @@ async def run_bench(
     console.print(
         f"gateway_rpc at 1,000 requests/s: p50 {steady['p50_ms']:.2f} ms,"
         f" p95 {steady['p95_ms']:.2f} ms, p99 {steady['p99_ms']:.2f} ms"
+    )
+    ev = results["events"]
+    console.print(
+        f"events: {ev['handled']:,}/{ev['events']:,} handled, {ev['handled_per_s']:,.0f}/s"
+        f" publish to handled ({ev['handled_per_s'] / ev['raw_publish_async_per_s']:.2f}x raw"
+        f" JetStream publish_async at {ev['raw_publish_async_per_s']:,.0f}/s);"
+        f" latency at 500/s p50 {ev['p50_ms']:.1f} ms, p95 {ev['p95_ms']:.1f} ms"
     )
     held = results["inflight_100k"]
     console.print(

@@ -307,7 +307,11 @@ async def cmd_bench(args: argparse.Namespace) -> int:
     from mesh.bench import run_bench
 
     return await run_bench(
-        requests=args.requests, inflight=args.inflight, hold=args.hold, json_path=args.json
+        requests=args.requests,
+        events=args.events,
+        inflight=args.inflight,
+        hold=args.hold,
+        json_path=args.json,
     )
 
 
@@ -385,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="request/reply through mesh vs raw NATS")
     bench.add_argument("--requests", type=int, default=5000, help="per concurrency level")
+    bench.add_argument("--events", type=int, default=20_000, help="events published")
     bench.add_argument("--inflight", type=int, default=100_000, help="requests held at once")
     bench.add_argument("--hold", type=float, default=5.0, help="seconds each is held")
     bench.add_argument("--json", metavar="PATH", help="also write the figures here")
