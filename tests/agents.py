@@ -8,7 +8,7 @@ from collections import defaultdict
 
 from pydantic import BaseModel, Field
 
-from mesh import Agent, AgentId, ForbiddenError, MessageContext, handler
+from mesh import Agent, AgentId, ForbiddenError, MessageContext, TopicId, handler
 from mesh.subscriptions import default_subscription, type_prefix_subscription, type_subscription
 from workers.echo import Ping
 
@@ -262,3 +262,15 @@ class Fragile(Agent, agent_type="fragile"):
     @handler
     async def on_order(self, message: OrderEvent, ctx: MessageContext) -> None:
         raise ValueError(f"cannot digest order {message.n}")
+
+
+class Announce(BaseModel):
+    order: int
+
+
+class Announcer(Agent, agent_type="announcer"):
+    """Publishes an event from inside its handler."""
+
+    @handler
+    async def announce(self, message: Announce, ctx: MessageContext) -> None:
+        await self.publish(TopicId("orders.created", self.id.key), OrderEvent(n=message.order))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -15,7 +16,14 @@ from mesh import AgentId, InvalidIdError, MeshClient, TopicId
 from mesh._control import control_request
 from mesh.config import EventsConfig
 from mesh.handlers.gateway import Gateway
-from mesh.handlers.router import Router, SubscribeRequest
+from mesh.handlers.router import (
+    ListReply,
+    ListRequest,
+    RemovedReply,
+    Router,
+    SubscribeRequest,
+    UnsubscribeRequest,
+)
 from mesh.subjects import Subjects
 from mesh.subscriptions import Subscription
 from mesh.testing import eventually
@@ -276,3 +284,99 @@ async def test_bad_topics_and_subscriptions_get_400(
         timeout=2,
     )
     assert_error(reply, 400, "BadRequest")
+
+
+async def test_agent_publishes_from_its_handler_as_the_sender(
+    nc: NATS,
+    subjects: Subjects,
+    gateway: Gateway,
+    router: Router,
+    spawn_worker: type,
+    handled: Counter[str],
+) -> None:
+    spawn_worker(*AGENTS, "tests.agents:Announcer", worker_id="events")
+    await _ready(router, gateway, 1)
+    stored = await nc.jetstream().subscribe(
+        f"{subjects.prefix}.events.orders.created.*", stream=subjects.stream("events")
+    )
+    client = MeshClient(nc, subjects=subjects)
+    await client.call(AgentId("announcer", "shop-9"), {"order": 42})
+    event = await stored.next_msg(timeout=5)
+    assert event.headers is not None
+    assert event.headers["Mesh-Sender"] == "announcer/shop-9"
+    assert event.headers["Mesh-Msg-Type"] == "OrderEvent"
+    await eventually(lambda: "ledger/shop-9/42" in handled, timeout=10)
+    await stored.unsubscribe()
+
+
+async def test_removing_a_subscription_stops_delivery_and_unmatched_ones_are_reported(
+    nc: NATS,
+    subjects: Subjects,
+    gateway: Gateway,
+    router: Router,
+    spawn_worker: type,
+    handled: Counter[str],
+) -> None:
+    spawn_worker(*AGENTS, worker_id="events")
+    await _ready(router, gateway, 1)
+    client = MeshClient(nc, subjects=subjects)
+    await client.publish(TopicId("default", "g"), {"n": 1}, message_type="OrderEvent")
+    await eventually(lambda: "greeter/g/1" in handled, timeout=10)
+
+    listed = await control_request(
+        nc,
+        subjects.service("router", "subscriptions"),
+        ListRequest(never_matched=True),
+        ListReply,
+        timeout=2,
+    )
+    assert listed is not None
+    never = {(r.subscription.agent_type, r.subscription.topic) for r in listed.subscriptions}
+    assert ("greeter", "default") not in never
+    assert ("fragile", "poison") in never
+    all_listed = await control_request(
+        nc,
+        subjects.service("router", "subscriptions"),
+        ListRequest(agent_type="greeter"),
+        ListReply,
+        timeout=2,
+    )
+    assert all_listed is not None
+    [greeting] = all_listed.subscriptions
+    assert (greeting.matches, greeting.successes) == (1, 1)
+    assert greeting.average_handling_time is not None and greeting.last_matched is not None
+
+    removed = await control_request(
+        nc,
+        subjects.service("router", "unsubscribe"),
+        UnsubscribeRequest(id=greeting.subscription.id),
+        RemovedReply,
+        timeout=2,
+    )
+    assert removed is not None and removed.removed
+    await eventually(lambda: router.dispatcher("greeter") is None, timeout=5)
+    await client.publish(TopicId("default", "g"), {"n": 2}, message_type="OrderEvent")
+    await client.publish(TopicId("orders.created", "g"), {"n": 3}, message_type="OrderEvent")
+    await eventually(lambda: "ledger/g/3" in handled, timeout=10)
+    assert "greeter/g/2" not in handled
+
+
+async def test_publish_command_refuses_a_bad_topic_with_400(
+    nats_url: str, subjects: Subjects
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mesh.cli",
+        "--nats",
+        nats_url,
+        "--prefix",
+        subjects.prefix,
+        "publish",
+        "orders..created/s",
+        "{}",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await process.communicate()
+    assert process.returncode == 1
+    assert err.decode().startswith("error 400 InvalidId:")
