@@ -124,6 +124,12 @@ class EventDispatcher:
         self._filters: list[str] = []
         self._lanes: dict[str, _Lane] = {}
         self._task: asyncio.Task[None] | None = None
+        self._keepalive: asyncio.Task[None] | None = None
+        # Events fetched and not yet settled, by stream sequence: a redelivery of one of
+        # them (ack_wait passed while it queued) is dropped rather than handled twice.
+        self._held: dict[int, Msg] = {}
+        self._room = asyncio.Event()
+        self._room.set()
 
     async def update(self, subscriptions: Sequence[Subscription]) -> None:
         """Deliver for these subscriptions from now on (starting or narrowing as needed)."""
@@ -132,7 +138,6 @@ class EventDispatcher:
             self.stats.setdefault(sub.id, SubscriptionStats())
         filters = covering_filters([s.subject_filter(self._subjects) for s in subscriptions])
         if filters != self._filters:
-            self._filters = filters
             await self._js.add_consumer(
                 self._subjects.stream("events"),
                 ConsumerConfig(
@@ -145,8 +150,12 @@ class EventDispatcher:
                     max_ack_pending=self._config.max_ack_pending,
                 ),
             )
+            self._filters = filters  # only once the server has them: a failure is retried
         if self._task is None:
             self._task = asyncio.create_task(self._pull(), name=f"events:{self.agent_type}")
+            self._keepalive = asyncio.create_task(
+                self._keep_held_alive(), name=f"events-keepalive:{self.agent_type}"
+            )
 
     async def _pull(self) -> None:
         subscription = await self._js.pull_subscribe_bind(
@@ -154,12 +163,16 @@ class EventDispatcher:
         )
         try:
             while True:
+                await self._room.wait()  # at most `max_held` events fetched and unsettled
                 try:
                     batch = await subscription.fetch(self._config.batch, timeout=1.0)
                 except (NatsTimeoutError, TimeoutError):
                     continue
                 except Exception as exc:
                     logger.warning("fetching events for %s failed: %s", self.agent_type, exc)
+                    if "consumer not found" in str(exc).lower():
+                        self._filters = []  # deleted behind our back: the next update re-creates
+                        await self.update(self.subscriptions)
                     await asyncio.sleep(0.5)
                     continue
                 for msg in batch:
@@ -168,7 +181,26 @@ class EventDispatcher:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
 
+    async def _keep_held_alive(self) -> None:
+        """Tell the server that fetched events still waiting in a lane are being worked on."""
+        while True:
+            await asyncio.sleep(self._config.ack_wait / 3)
+            for msg in list(self._held.values()):
+                with contextlib.suppress(Exception):
+                    await msg.in_progress()
+
+    def _settled(self, msg: Msg) -> None:
+        self._held.pop(msg.metadata.sequence.stream, None)
+        if len(self._held) < self._config.max_held:
+            self._room.set()
+
     def _enqueue(self, msg: Msg) -> None:
+        sequence = msg.metadata.sequence.stream
+        if sequence in self._held:
+            return  # a redelivery of an event still queued or in delivery here
+        self._held[sequence] = msg
+        if len(self._held) >= self._config.max_held:
+            self._room.clear()
         source = msg.subject.rsplit(".", 1)[-1]
         lane = self._lanes.get(source)
         if lane is None:
@@ -180,7 +212,16 @@ class EventDispatcher:
     async def _drive(self, source: str, lane: _Lane) -> None:
         try:
             while not lane.queue.empty():
-                await self._deliver(lane.queue.get_nowait())
+                msg = lane.queue.get_nowait()
+                try:
+                    await self._deliver(msg)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    # The event stays unacknowledged and comes back after ack_wait.
+                    logger.exception("delivering an event for %s failed", self.agent_type)
+                finally:
+                    self._settled(msg)
         finally:
             lane.task = None
             if lane.queue.empty() or self._task is None:
@@ -225,7 +266,7 @@ class EventDispatcher:
             if deliveries >= self._config.max_deliveries:
                 await self._dead_letter(msg, exc)
             else:
-                delay = min(self._config.retry_delay * 2 ** (deliveries - 1), 60.0)
+                delay = self._retry_delay(deliveries)
                 logger.info(
                     "event %s for %s failed (%s); retry %d in %.1fs",
                     msg.metadata.sequence.stream,
@@ -243,33 +284,60 @@ class EventDispatcher:
             stats.successes += 1
             stats.handling_seconds += elapsed
 
+    def _retry_delay(self, deliveries: int) -> float:
+        return float(min(self._config.retry_delay * 2 ** max(0, deliveries - 1), 60.0))
+
     async def _dead_letter(self, msg: Msg, error: MeshError) -> None:
-        headers = dict(msg.headers or {})
+        # Only the event's own headers: JetStream's (Nats-Expected-*, Nats-TTL...) would
+        # make the dead-letter publish itself fail.
+        headers = {
+            name: value
+            for name, value in (msg.headers or {}).items()
+            if not name.lower().startswith("nats-")
+        }
         headers[ERROR] = error.message[:1024].replace("\n", " ")
         headers[ERROR_CODE] = str(int(error.code))
         headers[SUBJECT] = msg.subject
         headers[DELIVERIES] = str(msg.metadata.num_delivered)
-        headers.pop("Nats-Msg-Id", None)
         try:
             await self._js.publish(self._subjects.dlq(self.agent_type), msg.data, headers=headers)
         except Exception as exc:
             logger.error("could not dead-letter an event for %s: %s", self.agent_type, exc)
-            await msg.nak(delay=self._config.retry_delay)
+            await msg.nak(delay=self._retry_delay(msg.metadata.num_delivered))
             return
         logger.warning("event on %s for %s dead-lettered: %s", msg.subject, self.agent_type, error)
         await msg.term()
 
-    async def stop(self, *, delete: bool = False) -> None:
-        """Stop delivering; with `delete`, remove the consumer too."""
-        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
-        if self._task is not None:
-            tasks.append(self._task)
-            self._task = None
-        for task in tasks:
+    async def stop(self, grace: float = 5.0, *, delete: bool = False) -> None:
+        """Stop fetching, let deliveries under way finish for `grace` seconds, and hand
+        back what is still queued (nak), so that it comes back at once and in order.
+        With `delete`, remove the consumer too.
+        """
+        fetchers = [t for t in (self._task, self._keepalive) if t is not None]
+        self._task = self._keepalive = None
+        for task in fetchers:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*fetchers, return_exceptions=True)
+        queued = [msg for lane in self._lanes.values() for msg in _drain(lane.queue)]
+        for msg in sorted(queued, key=lambda m: m.metadata.sequence.stream):
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            self._settled(msg)
+        running = [lane.task for lane in self._lanes.values() if lane.task is not None]
+        if running:
+            _, late = await asyncio.wait(running, timeout=grace)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
         self._lanes.clear()
         if delete:
             with contextlib.suppress(Exception):
                 await self._js.delete_consumer(self._subjects.stream("events"), self.durable)
             self._filters = []
+
+
+def _drain(queue: asyncio.Queue[Msg]) -> list[Msg]:
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    return items

@@ -37,7 +37,7 @@ async def ensure_event_streams(js: JetStreamContext, subjects: Subjects, retenti
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=retention,
-            duplicate_window=DUPLICATE_WINDOW,
+            duplicate_window=min(DUPLICATE_WINDOW, retention),
         ),
     )
     await ensure_stream(

@@ -8,7 +8,7 @@ from typing import Any, TypeVar, overload
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
+from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import PubAck
 from pydantic import BaseModel
@@ -32,6 +32,7 @@ from mesh.errors import (
     MeshConnectionError,
     MeshError,
     NoWorkerAvailableError,
+    PayloadTooLargeError,
 )
 from mesh.ids import AgentId, TopicId
 from mesh.subjects import Subjects
@@ -258,6 +259,12 @@ class MeshClient:
             raise _remote(
                 DeadlineExceededError(f"no acknowledgement for {topic} within {timeout:g}s")
             ) from None
+        except MaxPayloadError as exc:
+            raise PayloadTooLargeError(
+                f"the event is over the server's payload limit: {exc}"
+            ) from exc
+        except Exception as exc:
+            raise _remote(MeshConnectionError(f"publishing on {topic} failed: {exc}")) from exc
 
     async def aclose(self) -> None:
         """Close the connection if this client opened it. Idempotent."""

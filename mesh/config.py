@@ -192,7 +192,9 @@ class EventsConfig:
         retry_delay: Delay before the first retry; it doubles with each further one.
         handler_timeout: Deadline of one delivery.
         ack_wait: Seconds before an unacknowledged delivery is made again.
-        max_ack_pending: Events of one agent type in delivery at once.
+        max_ack_pending: Events of one agent type the server lets out unacknowledged.
+        max_held: Events of one agent type fetched and waiting here at most; keeps a
+            backlog from outliving ``ack_wait`` in the lanes.
         batch: Events fetched per pull.
     """
 
@@ -202,7 +204,15 @@ class EventsConfig:
     handler_timeout: float = 30.0
     ack_wait: float = 60.0
     max_ack_pending: int = 10_000
+    max_held: int = 2048
     batch: int = 256
+
+    def __post_init__(self) -> None:
+        if self.handler_timeout >= self.ack_wait:
+            raise BadRequestError(
+                f"handler_timeout ({self.handler_timeout:g}s) must be below ack_wait"
+                f" ({self.ack_wait:g}s), or events are redelivered while being handled"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> EventsConfig:
@@ -214,6 +224,7 @@ class EventsConfig:
             handler_timeout=_float(env, "MESH_EVENTS_HANDLER_TIMEOUT", default.handler_timeout),
             ack_wait=_float(env, "MESH_EVENTS_ACK_WAIT", default.ack_wait),
             max_ack_pending=_int(env, "MESH_EVENTS_MAX_ACK_PENDING", default.max_ack_pending),
+            max_held=_int(env, "MESH_EVENTS_MAX_HELD", default.max_held),
             batch=_int(env, "MESH_EVENTS_BATCH", default.batch),
         )
 

@@ -198,13 +198,15 @@ class ContentRouter:
         Returns:
             Whether the decision was known (recent enough).
         """
+        if correct_target is not None:
+            validate_agent_type(correct_target)
         known = self._decisions.get(decision_id)
         if known is None:
             return False
         words, target = known
         self._examples.append(_Example(words, target, success))
         if correct_target is not None and correct_target != target:
-            self._examples.append(_Example(words, validate_agent_type(correct_target), True))
+            self._examples.append(_Example(words, correct_target, True))
         return True
 
 

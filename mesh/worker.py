@@ -381,18 +381,21 @@ class Worker:
     async def _subscribe(self, subscriptions: list[Subscription]) -> None:
         """Register the agent classes' declared subscriptions, until a router takes them."""
         subject = self._subjects.service("router", "subscribe")
-        delay = 0.1
         for subscription in subscriptions:
             request = SubscribeRequest(
                 kind=subscription.kind,
                 topic=subscription.topic,
                 agent_type=subscription.agent_type,
             )
+            delay = 0.1
             while True:
                 try:
                     await control_request(self._nc, subject, request, None, timeout=CONTROL_TIMEOUT)
                     break
-                except (NoWorkerAvailableError, DeadlineExceededError) as exc:
+                except MeshError as exc:
+                    if exc.code < 500:  # refused: retrying will not help
+                        logger.error("worker %s: subscription refused: %s", self.id, exc)
+                        break
                     logger.info("worker %s waiting for a router: %s", self.id, exc)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 5.0)

@@ -274,3 +274,13 @@ class Announcer(Agent, agent_type="announcer"):
     @handler
     async def announce(self, message: Announce, ctx: MessageContext) -> None:
         await self.publish(TopicId("orders.created", self.id.key), OrderEvent(n=message.order))
+
+
+@type_subscription("slow.orders")
+class SlowLedger(_Recording, agent_type="slow-ledger"):
+    """Takes its time per event, so that a backlog outlives a short ack_wait."""
+
+    @handler
+    async def on_order(self, message: OrderEvent, ctx: MessageContext) -> None:
+        await asyncio.sleep(0.3)
+        await self.record(message, ctx)

@@ -12,7 +12,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from mesh import AgentId, InvalidIdError, MeshClient, TopicId
+from mesh import AgentId, InvalidIdError, MeshClient, PayloadTooLargeError, TopicId
 from mesh._control import control_request
 from mesh.config import EventsConfig
 from mesh.handlers.gateway import Gateway
@@ -283,7 +283,7 @@ async def test_bad_topics_and_subscriptions_get_400(
         orjson.dumps({"kind": "type", "topic": "x", "agent_type": "ledger", "ttl": -1}),
         timeout=2,
     )
-    assert_error(reply, 400, "BadRequest")
+    assert_error(reply, 400, "InvalidPayload")
 
 
 async def test_agent_publishes_from_its_handler_as_the_sender(
@@ -380,3 +380,90 @@ async def test_publish_command_refuses_a_bad_topic_with_400(
     _, err = await process.communicate()
     assert process.returncode == 1
     assert err.decode().startswith("error 400 InvalidId:")
+
+
+async def test_dead_letter_keeps_event_headers_but_not_jetstream_ones(
+    nc: NATS,
+    subjects: Subjects,
+    gateway: Gateway,
+    router: Router,
+    spawn_worker: type,
+) -> None:
+    spawn_worker(*AGENTS, worker_id="events")
+    await _ready(router, gateway, 1)
+    js = nc.jetstream()
+    dlq = await js.subscribe(subjects.dlq("fragile"), stream=subjects.stream("dlq"))
+    client = MeshClient(nc, subjects=subjects)
+    # A publisher that pins the stream: that header must not follow the event to the DLQ.
+    await client.publish(
+        TopicId("poison", "p2"),
+        {"n": 8},
+        message_type="OrderEvent",
+        message_id="poison-8",
+        headers={"Nats-Expected-Stream": subjects.stream("events")},
+    )
+    dead = await dlq.next_msg(timeout=10)
+    assert dead.headers is not None
+    assert not any(name.lower().startswith("nats-") for name in dead.headers)
+    assert dead.headers["Mesh-Error-Code"] == "500"
+    await dlq.unsubscribe()
+
+
+async def test_router_endpoints_refuse_bad_values_with_400(
+    nc: NATS, subjects: Subjects, router: Router
+) -> None:
+    subscribe = subjects.service("router", "subscribe")
+    for ttl in (b"NaN", b"Infinity", b"1e400", b"1e12", b"0", b"-1"):
+        body = b'{"kind": "type", "topic": "x", "agent_type": "ledger", "ttl": ' + ttl + b"}"
+        assert_error(await nc.request(subscribe, body, timeout=2), 400)
+    route = subjects.service("router", "route")
+    assert_error(await nc.request(route, b'{"text": "x", "sender": ""}', timeout=2), 400)
+    feedback = subjects.service("router", "feedback")
+    body = b'{"decision_id": "nope", "success": true, "correct_target": "a/b"}'
+    assert_error(await nc.request(feedback, body, timeout=2), 400, "InvalidId")
+    unsubscribe = subjects.service("router", "unsubscribe")
+    assert_error(await nc.request(unsubscribe, b'{"id": "bad id"}', timeout=2), 400)
+
+
+async def test_publishing_an_event_over_the_payload_limit_is_a_413(
+    nc: NATS, subjects: Subjects, router: Router
+) -> None:
+    client = MeshClient(nc, subjects=subjects)
+    with pytest.raises(PayloadTooLargeError):
+        await client.publish(TopicId("orders.created", "big"), {"blob": "x" * 2_000_000})
+
+
+async def test_a_failed_consumer_update_is_tried_again(
+    nc: NATS, subjects: Subjects, gateway: Gateway
+) -> None:
+    from mesh._dispatch import EventDispatcher
+    from mesh._streams import ensure_event_streams
+
+    dispatcher = EventDispatcher(
+        nc.jetstream(), MeshClient(nc, subjects=subjects), subjects, "ledger", EventsConfig()
+    )
+    subscription = Subscription(kind="type", topic="orders.created", agent_type="ledger")
+    with pytest.raises(Exception, match="stream not found"):  # the server refuses it
+        await dispatcher.update([subscription])
+    await ensure_event_streams(nc.jetstream(), subjects, retention=60)
+    await dispatcher.update([subscription])
+    info = await nc.jetstream().consumer_info(subjects.stream("events"), dispatcher.durable)
+    assert info.config.filter_subjects == [f"{subjects.prefix}.events.orders.created.*"]
+    await dispatcher.stop(delete=True)
+
+
+async def test_backlog_longer_than_ack_wait_is_neither_duplicated_nor_reordered(
+    nc: NATS, subjects: Subjects, gateway: Gateway, spawn_worker: type, handled: Counter[str]
+) -> None:
+    config = EventsConfig(ack_wait=1.5, handler_timeout=1.0, retry_delay=0.05)
+    async with Router(nc, subjects, config) as router:
+        spawn_worker("tests.agents:SlowLedger", worker_id="slow")
+        await eventually(lambda: router.dispatcher("slow-ledger") is not None, timeout=15)
+        await eventually(lambda: gateway.directory.live_workers("slow-ledger"), timeout=15)
+        client = MeshClient(nc, subjects=subjects)
+        for n in range(12):  # 12 x 0.3 s, one source: well past ack_wait
+            await client.publish(TopicId("slow.orders", "one"), {"n": n}, message_type="OrderEvent")
+        await eventually(lambda: len(handled) == 12, timeout=20)
+        log = await _log(client, "slow-ledger", "one")
+        assert log["seen"] == list(range(12))
+        assert set(handled.values()) == {1}

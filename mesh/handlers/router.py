@@ -29,7 +29,7 @@ from types import TracebackType
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import InvalidKeyError, KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field, ValidationError
 
@@ -43,7 +43,7 @@ from mesh._streams import ensure_event_streams
 from mesh.client import MeshClient
 from mesh.config import EventsConfig, RoutingConfig
 from mesh.errors import BadRequestError, InvalidIdError, MeshError
-from mesh.ids import AgentId
+from mesh.ids import AgentId, validate_agent_type
 from mesh.routing import ContentRouter, RouteRule
 from mesh.subjects import Subjects
 from mesh.subscriptions import Subscription, SubscriptionKind
@@ -51,6 +51,8 @@ from mesh.subscriptions import Subscription, SubscriptionKind
 logger = logging.getLogger(__name__)
 
 SERVICE = "router"
+#: The longest a dynamic subscription may be given to live: a year.
+MAX_TTL = 365 * 24 * 3600.0
 
 
 class SubscribeRequest(BaseModel):
@@ -59,7 +61,7 @@ class SubscribeRequest(BaseModel):
     kind: SubscriptionKind
     topic: str
     agent_type: str
-    ttl: float | None = None
+    ttl: float | None = Field(None, gt=0, le=MAX_TTL, allow_inf_nan=False)
 
 
 class UnsubscribeRequest(BaseModel):
@@ -79,6 +81,10 @@ class FeedbackRequest(BaseModel):
     decision_id: str
     success: bool
     correct_target: str | None = None
+
+    def model_post_init(self, context: object) -> None:
+        if self.correct_target is not None:
+            validate_agent_type(self.correct_target)
 
 
 class FeedbackReply(BaseModel):
@@ -214,7 +220,7 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reconciler
         for dispatcher in self._dispatchers.values():
-            await dispatcher.stop()
+            await dispatcher.stop(grace)
         for mirror in (self._mirror, self._routes_mirror):
             if mirror is not None:
                 await mirror.aclose()
@@ -287,7 +293,7 @@ class Router:
 
     async def _route(self, msg: Msg) -> Reply:
         request = read_request(msg, RouteRequest)
-        sender_type = AgentId.parse(request.sender).type if request.sender else None
+        sender_type = AgentId.parse(request.sender).type if request.sender is not None else None
         return model_reply(msg, self.content_router.route(request.text, sender_type))
 
     async def _feedback(self, msg: Msg) -> Reply:
@@ -314,8 +320,8 @@ class Router:
             await self._routes_kv.get(request.id)
         except KeyNotFoundError:
             return model_reply(msg, RemovedReply(removed=False))
-        except Exception as exc:
-            raise BadRequestError(f"invalid rule id {request.id!r}: {exc}") from exc
+        except InvalidKeyError as exc:
+            raise BadRequestError(f"invalid rule id {request.id!r}") from exc
         await self._routes_kv.delete(request.id)
         self.content_router.remove_rule(request.id)
         return model_reply(msg, RemovedReply(removed=True))
@@ -326,8 +332,6 @@ class Router:
         request = read_request(msg, SubscribeRequest)
         assert self._kv is not None
         now = datetime.now(UTC)
-        if request.ttl is not None and request.ttl <= 0:
-            raise BadRequestError("ttl must be positive seconds")
         subscription = Subscription(
             kind=request.kind,
             topic=request.topic,
@@ -355,8 +359,8 @@ class Router:
             entry = await self._kv.get(request.id)
         except KeyNotFoundError:
             return model_reply(msg, RemovedReply(removed=False))
-        except Exception as exc:
-            raise BadRequestError(f"invalid subscription id {request.id!r}: {exc}") from exc
+        except InvalidKeyError as exc:
+            raise BadRequestError(f"invalid subscription id {request.id!r}") from exc
         if entry.value is None:
             return model_reply(msg, RemovedReply(removed=False))
         await self._kv.delete(request.id)
