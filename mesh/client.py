@@ -41,6 +41,8 @@ M = TypeVar("M", bound=BaseModel)
 
 #: How much longer than the deadline the client waits, to receive the gateway's own 504.
 REPLY_GRACE = 0.5
+#: How much longer than its handler's deadline a call made from the handler may wait.
+ENCLOSED_GRACE = 0.05
 
 
 def _remote(error: MeshError) -> MeshError:
@@ -143,13 +145,7 @@ class MeshClient:
         Raises:
             MeshError: The subclass matching the error code of a failed reply.
         """
-        request_headers = dict(headers or {})
-        request_headers[CONTENT_TYPE] = self._codec.content_type
-        name = message_type or (type(message).__name__ if isinstance(message, BaseModel) else None)
-        if name:
-            request_headers[MSG_TYPE] = name
-        if sender is not None:
-            request_headers[SENDER] = str(sender)
+        request_headers = self._message_headers(message, message_type, sender, headers)
         reply = await self.send_raw(
             target, encode(message, self._codec), headers=request_headers, timeout=timeout
         )
@@ -157,6 +153,23 @@ class MeshClient:
         if response_type is not None and issubclass(response_type, BaseModel):
             return decode(reply.data, response_type, codec)
         return decode_plain(reply.data, codec)
+
+    def _message_headers(
+        self,
+        message: object,
+        message_type: str | None,
+        sender: AgentId | None,
+        headers: Mapping[str, str] | None,
+    ) -> dict[str, str]:
+        """Content type, message type (the model's class name by default) and sender."""
+        result = dict(headers or {})
+        result[CONTENT_TYPE] = self._codec.content_type
+        name = message_type or (type(message).__name__ if isinstance(message, BaseModel) else None)
+        if name:
+            result[MSG_TYPE] = name
+        if sender is not None:
+            result[SENDER] = str(sender)
+        return result
 
     async def send_raw(
         self,
@@ -175,9 +188,11 @@ class MeshClient:
         enclosing = current_deadline.get()
         if enclosing is not None:
             # Sent from inside a handler: nobody waits for it longer than for the handler.
-            deadline = min(deadline, enclosing.remaining())
-            if deadline <= 0:
+            # A hair longer, so that the handler's own deadline cancels it first and the
+            # handler sees CancelledError, not this call's 504.
+            if enclosing.remaining() <= 0:
                 raise _remote(DeadlineExceededError(f"no time left to call {target}"))
+            deadline = min(deadline, enclosing.remaining() + ENCLOSED_GRACE)
         request_headers = dict(headers)
         request_headers.setdefault(REQUEST_ID, new_request_id())
         request_headers[TIMEOUT_MS] = str(max(1, int(deadline * 1000)))
@@ -235,13 +250,7 @@ class MeshClient:
             NoWorkerAvailableError: No stream stores events (no router has started).
             DeadlineExceededError: No acknowledgement in time.
         """
-        event_headers = dict(headers or {})
-        event_headers[CONTENT_TYPE] = self._codec.content_type
-        name = message_type or (type(message).__name__ if isinstance(message, BaseModel) else None)
-        if name:
-            event_headers[MSG_TYPE] = name
-        if sender is not None:
-            event_headers[SENDER] = str(sender)
+        event_headers = self._message_headers(message, message_type, sender, headers)
         if message_id is not None:
             event_headers[MSG_ID] = message_id
         try:

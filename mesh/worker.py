@@ -19,7 +19,6 @@ import signal
 import socket
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any
 
 import psutil
@@ -29,6 +28,7 @@ from nats.aio.msg import Msg
 from mesh import __version__
 from mesh._activations import ActivationTable
 from mesh._control import control_request, model_reply, read_request
+from mesh._lifecycle import Lifecycle
 from mesh._micro import MicroService, Reply
 from mesh._placement import PlacementTable
 from mesh._wire import (
@@ -118,7 +118,7 @@ class _LoadMeter:
         )
 
 
-class Worker:
+class Worker(Lifecycle):
     """Hosts agent types on one NATS connection.
 
     Args:
@@ -287,18 +287,6 @@ class Worker:
         finally:
             self._state = "stopped"
             self._stopped.set()
-
-    async def __aenter__(self) -> Worker:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.shutdown()
 
     # Registry
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from types import TracebackType
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -43,6 +42,7 @@ from mesh._balancing import (
 )
 from mesh._connect import on_reconnect
 from mesh._directory import WorkerDirectory
+from mesh._lifecycle import Lifecycle
 from mesh._micro import MicroService, Reply
 from mesh._placement import Placement, PlacementTable
 from mesh._wire import (
@@ -75,7 +75,7 @@ LATE_HEARTBEATS = 1.5
 PLACEMENT_ROUNDS = 3
 
 
-class Gateway:
+class Gateway(Lifecycle):
     """One replica of the gateway.
 
     Args:
@@ -140,18 +140,6 @@ class Gateway:
         await self._service.stop(grace)
         await self.placements.aclose()
         await self.directory.aclose()
-
-    async def __aenter__(self) -> Gateway:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.shutdown()
 
     # Workers, their health and the strategies
 

@@ -21,7 +21,6 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -33,6 +32,7 @@ from mesh._connect import on_reconnect
 from mesh._control import model_reply, read_request
 from mesh._directory import WorkerDirectory, types_bucket, workers_bucket
 from mesh._kv import ensure_bucket, put_with_ttl
+from mesh._lifecycle import Lifecycle
 from mesh._micro import MicroService, Reply
 from mesh.config import RegistryConfig
 from mesh.errors import AgentTypeNotFoundError, BadRequestError, WorkerNotRegisteredError
@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 SERVICE = "registry"
 
 
-class Registry:
+class Registry(Lifecycle):
     """One replica of the registry service.
 
     Args:
@@ -117,18 +117,6 @@ class Registry:
         self._forget_reconnect()
         await self._service.stop(grace)
         await self.directory.aclose()
-
-    async def __aenter__(self) -> Registry:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.shutdown()
 
     # Writes
 

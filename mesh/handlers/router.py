@@ -25,7 +25,6 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -38,6 +37,7 @@ from mesh._connect import on_reconnect
 from mesh._control import model_reply, read_request
 from mesh._dispatch import EventDispatcher
 from mesh._kv import BucketConfig, KvMirror, MirroredEntry, ensure_bucket, put_with_ttl
+from mesh._lifecycle import Lifecycle
 from mesh._micro import MicroService, Reply
 from mesh._streams import ensure_event_streams
 from mesh.client import MeshClient
@@ -128,7 +128,7 @@ def subscriptions_bucket(subjects: Subjects) -> BucketConfig:
     )
 
 
-class Router:
+class Router(Lifecycle):
     """One replica of the router service.
 
     Args:
@@ -224,18 +224,6 @@ class Router:
         for mirror in (self._mirror, self._routes_mirror):
             if mirror is not None:
                 await mirror.aclose()
-
-    async def __aenter__(self) -> Router:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.shutdown()
 
     # Subscriptions -> dispatchers
 
