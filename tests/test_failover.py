@@ -80,7 +80,7 @@ async def test_killed_worker_drops_out_of_lookups_and_calls_keep_succeeding(
     await asyncio.gather(*callers)
 
     assert await victim.wait() != 0
-    assert dropped_after <= 3 * HEARTBEAT + 0.25, f"dropped after {dropped_after:.2f}s"
+    assert dropped_after <= 3 * HEARTBEAT + 0.35, f"dropped after {dropped_after:.2f}s"
     # A call that reached the victim as it died has an unknown outcome and runs into its
     # deadline (504). Each caller has one call in flight and waits out that deadline, by
     # when the victim is out of lookups: so at most one such loss per caller, and none

@@ -38,7 +38,7 @@ async def test_gateway_at_its_in_flight_limit_answers_503_at_once(
         started = time.monotonic()
         with pytest.raises(NoWorkerAvailableError, match="limit of 1"):
             await client.call(AgentId("sleeper", "b"), {"seconds": 0}, message_type="Nap")
-        assert time.monotonic() - started < 0.4
+        assert time.monotonic() - started < 1.0  # at once, not after the 10 s deadline
         assert (await slow)["key"] == "a"
 
 
