@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -52,6 +52,21 @@ ERROR_CODE = "Mesh-Error-Code"
 DELIVERIES = "Mesh-Deliveries"
 #: Headers of an event that travel with its delivery.
 EVENT_HEADERS = (CONTENT_TYPE, MSG_TYPE, SENDER, TRACEPARENT, TRACESTATE)
+
+
+Send = Callable[[AgentId, bytes, dict[str, str], float], Awaitable[object]]
+"""``send(agent_id, body, headers, timeout)``: deliver one event, raising `MeshError`."""
+
+
+def send_through(client: MeshClient) -> Send:
+    """Deliver through the gateway, as any client would."""
+
+    async def send(
+        agent_id: AgentId, data: bytes, headers: dict[str, str], timeout: float
+    ) -> object:
+        return await client.send_raw(agent_id, data, headers=headers, timeout=timeout)
+
+    return send
 
 
 @dataclass(slots=True)
@@ -99,7 +114,7 @@ class EventDispatcher:
 
     Args:
         js: JetStream context.
-        client: Sends each event to its agent through the gateway.
+        send: Sends each event to its agent and raises `MeshError` if the handler failed.
         subjects: The mesh's names.
         agent_type: Whose events.
         config: Retries, timeouts, batch sizes.
@@ -108,13 +123,13 @@ class EventDispatcher:
     def __init__(
         self,
         js: JetStreamContext,
-        client: MeshClient,
+        send: Send,
         subjects: Subjects,
         agent_type: str,
         config: EventsConfig,
     ) -> None:
         self._js = js
-        self._client = client
+        self._send = send
         self._subjects = subjects
         self.agent_type = agent_type
         self._config = config
@@ -255,11 +270,11 @@ class EventDispatcher:
         headers[REQUEST_ID] = f"event-{msg.metadata.sequence.stream}"
         started = time.monotonic()
         try:
-            await self._client.send_raw(
+            await self._send(
                 AgentId(self.agent_type, topic.source),
                 msg.data,
-                headers=headers,
-                timeout=self._config.handler_timeout,
+                headers,
+                self._config.handler_timeout,
             )
         except MeshError as exc:
             deliveries = msg.metadata.num_delivered

@@ -436,11 +436,15 @@ async def test_publishing_an_event_over_the_payload_limit_is_a_413(
 async def test_a_failed_consumer_update_is_tried_again(
     nc: NATS, subjects: Subjects, gateway: Gateway
 ) -> None:
-    from mesh._dispatch import EventDispatcher
+    from mesh._dispatch import EventDispatcher, send_through
     from mesh._streams import ensure_event_streams
 
     dispatcher = EventDispatcher(
-        nc.jetstream(), MeshClient(nc, subjects=subjects), subjects, "ledger", EventsConfig()
+        nc.jetstream(),
+        send_through(MeshClient(nc, subjects=subjects)),
+        subjects,
+        "ledger",
+        EventsConfig(),
     )
     subscription = Subscription(kind="type", topic="orders.created", agent_type="ledger")
     with pytest.raises(Exception, match="stream not found"):  # the server refuses it

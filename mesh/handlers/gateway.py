@@ -83,6 +83,8 @@ class Gateway(Lifecycle):
         subjects: The mesh's names.
         config: Deadlines, payload limit, in-flight limit, strategies, health.
         registry_config: How worker liveness is judged.
+        serve: Serve ``mesh.rpc.>``; without it the gateway only forwards what its owner
+            hands to `deliver` (the router delivers events this way, one hop shorter).
     """
 
     def __init__(
@@ -91,8 +93,11 @@ class Gateway(Lifecycle):
         subjects: Subjects | None = None,
         config: GatewayConfig | None = None,
         registry_config: RegistryConfig | None = None,
+        *,
+        serve: bool = True,
     ) -> None:
         self._nc = nc
+        self._serve = serve
         self._subjects = subjects or Subjects()
         self._config = config or GatewayConfig()
         self.directory = WorkerDirectory(nc.jetstream(), self._subjects, registry_config)
@@ -116,14 +121,15 @@ class Gateway(Lifecycle):
             return
         await self.directory.start()
         await self.placements.start()
-        await self._service.add_endpoint(
-            "rpc",
-            subject=self._subjects.rpc_all,
-            handler=self._forward,
-            queue_group=self._subjects.queue_group(SERVICE),
-            max_in_flight=self._config.max_in_flight,
-        )
-        await self._service.start()
+        if self._serve:
+            await self._service.add_endpoint(
+                "rpc",
+                subject=self._subjects.rpc_all,
+                handler=self._forward,
+                queue_group=self._subjects.queue_group(SERVICE),
+                max_in_flight=self._config.max_in_flight,
+            )
+            await self._service.start()
         self._forget_reconnect = on_reconnect(self._nc, self._rewatch)
         self._started = True
 
@@ -261,14 +267,23 @@ class Gateway(Lifecycle):
         )
         forwarded = {name: headers[name] for name in FORWARDED_HEADERS if name in headers}
         forwarded[REQUEST_ID] = request_id
+        return await self.deliver(agent_id, msg.data, forwarded, deadline)
+
+    async def deliver(
+        self, agent_id: AgentId, data: bytes, headers: dict[str, str], deadline: Deadline
+    ) -> Reply:
+        """Forward one request to the agent's activation (or its pool) and relay the reply.
+
+        `headers` must carry ``Mesh-Request-Id``; the reply may be an error reply.
+        """
         if self.directory.is_stateless(agent_id.type):
-            return await self._forward_to_pool(agent_id, msg.data, forwarded, deadline)
+            return await self._forward_to_pool(agent_id, data, headers, deadline)
         retried = False
         while True:
             placement = await self._placement(agent_id)
             try:
                 return await self._forward_to_worker(
-                    placement.worker_id, agent_id, msg.data, forwarded, deadline
+                    placement.worker_id, agent_id, data, headers, deadline
                 )
             except NoRespondersError:
                 self.vanished_workers += 1
