@@ -244,8 +244,7 @@ class EventDispatcher:
             else:  # something arrived as we finished
                 lane.task = asyncio.create_task(self._drive(source, lane))
 
-    def _matching(self, topic: TopicId) -> list[Subscription]:
-        now = datetime.now(UTC)
+    def _matching(self, topic: TopicId, now: datetime) -> list[Subscription]:
         return [s for s in self.subscriptions if s.matches(topic) and not s.is_expired(now)]
 
     async def _deliver(self, msg: Msg) -> None:
@@ -254,11 +253,11 @@ class EventDispatcher:
         except InvalidIdError as exc:
             await self._dead_letter(msg, exc)
             return
-        matching = self._matching(topic)
+        now = datetime.now(UTC)
+        matching = self._matching(topic, now)
         if not matching:
             await msg.ack()  # no subscription (any more) wants it
             return
-        now = datetime.now(UTC)
         for sub in matching:
             stats = self.stats.setdefault(sub.id, SubscriptionStats())
             stats.matches += 1

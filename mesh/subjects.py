@@ -66,6 +66,7 @@ def unescape_token(token: str) -> str:
         raise InvalidIdError(f"token {token!r} is not escaped UTF-8") from exc
 
 
+@functools.lru_cache(maxsize=4096)
 def validate_worker_id(worker_id: str) -> str:
     """Return `worker_id` if it is 1-64 chars of ``[A-Za-z0-9_-]``, else raise."""
     if not isinstance(worker_id, str) or not WORKER_ID_PATTERN.fullmatch(worker_id):
@@ -192,14 +193,7 @@ class Subjects:
         head = f"{self.prefix}.events."
         if not subject.startswith(head):
             raise InvalidIdError(f"{subject!r} is not an event subject")
-        tokens = subject[len(head) :].split(".")
-        if len(tokens) < 2:
-            raise InvalidIdError(f"{subject!r} has no topic type and source")
-        topic_type = ".".join(unescape_token(t) for t in tokens[:-1])
-        topic = TopicId(topic_type, unescape_token(tokens[-1]))
-        if self.events(topic) != subject:  # e.g. an escaped dot inside a segment
-            raise InvalidIdError(f"{subject!r} is not the canonical subject of {topic}")
-        return topic
+        return _topic_of(subject[len(head) :])
 
     def alerts(self, severity: str, rule: str) -> str:
         """``<prefix>.alerts.<severity>.<rule>``."""
@@ -278,6 +272,20 @@ class Subjects:
         if not subject.startswith(head):
             raise InvalidIdError(f"{subject!r} is not under {head!r}")
         return _agent_id_of(subject[len(head) :])
+
+
+@functools.lru_cache(maxsize=65536)
+def _topic_of(tail: str) -> TopicId:
+    """The topic of ``<escaped type segments>.<escaped source>`` (cached, like agent ids)."""
+    tokens = tail.split(".")
+    if len(tokens) < 2:
+        raise InvalidIdError(f"{tail!r} has no topic type and source")
+    topic_type = ".".join(unescape_token(t) for t in tokens[:-1])
+    topic = TopicId(topic_type, unescape_token(tokens[-1]))
+    canonical = ".".join([*(escape_token(s) for s in topic_type.split(".")), tokens[-1]])
+    if canonical != tail:  # e.g. an escaped dot inside a segment
+        raise InvalidIdError(f"{tail!r} is not the canonical subject of {topic}")
+    return topic
 
 
 @functools.lru_cache(maxsize=65536)

@@ -273,7 +273,8 @@ class Router(Lifecycle):
     async def _send(
         self, agent_id: AgentId, data: bytes, headers: dict[str, str], timeout: float
     ) -> None:
-        headers.setdefault(REQUEST_ID, new_request_id())
+        if REQUEST_ID not in headers:
+            headers[REQUEST_ID] = new_request_id()
         body, reply_headers = await self._forwarder.deliver(
             agent_id, data, headers, Deadline(timeout)
         )
