@@ -130,7 +130,7 @@ async def test_gateway_answers_503_when_every_worker_is_at_capacity(
         await eventually(lambda: gateway.directory.live_workers("pacer"), timeout=5)
         client = MeshClient(nc, subjects=subjects)
         busy = [
-            asyncio.create_task(client.call(AgentId("pacer", f"b{i}"), {"seconds": 1.0}))
+            asyncio.create_task(client.call(AgentId("pacer", f"b{i}"), {"seconds": 3.0}))
             for i in range(2)
         ]
         await eventually(lambda: gateway.stats("small").inflight == 2, timeout=2)
