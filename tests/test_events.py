@@ -72,6 +72,16 @@ async def _ready(router: Router, gateway: Gateway, workers: int) -> None:
         )
 
 
+@pytest.fixture
+async def client(
+    nc: NATS, subjects: Subjects, gateway: Gateway, router: Router, spawn_worker: type
+) -> MeshClient:
+    """One worker hosting every event agent, its subscriptions in place; a client."""
+    spawn_worker(*AGENTS, worker_id="events")
+    await _ready(router, gateway, 1)
+    return MeshClient(nc, subjects=subjects)
+
+
 async def _log(client: MeshClient, agent_type: str, key: str) -> dict[str, object]:
     reply = await client.call(AgentId(agent_type, key), {}, message_type="GetLog")
     assert isinstance(reply, dict)
@@ -81,14 +91,10 @@ async def _log(client: MeshClient, agent_type: str, key: str) -> dict[str, objec
 async def test_type_prefix_and_default_subscriptions_reach_the_right_agents(
     nc: NATS,
     subjects: Subjects,
-    gateway: Gateway,
     router: Router,
-    spawn_worker: type,
     handled: Counter[str],
+    client: MeshClient,
 ) -> None:
-    spawn_worker(*AGENTS, worker_id="events")
-    await _ready(router, gateway, 1)
-    client = MeshClient(nc, subjects=subjects)
     await client.publish(TopicId("orders.created", "shop-1"), {"n": 1}, message_type="OrderEvent")
     await client.publish(TopicId("ordinal", "shop 2"), {"n": 2}, message_type="OrderEvent")
     await client.publish(TopicId("default", "visitor"), {"n": 3}, message_type="OrderEvent")
@@ -177,13 +183,9 @@ async def test_killed_worker_loses_no_acknowledged_event(
 async def test_event_whose_handler_keeps_failing_goes_to_the_dlq(
     nc: NATS,
     subjects: Subjects,
-    gateway: Gateway,
     router: Router,
-    spawn_worker: type,
+    client: MeshClient,
 ) -> None:
-    spawn_worker(*AGENTS, worker_id="events")
-    await _ready(router, gateway, 1)
-    client = MeshClient(nc, subjects=subjects)
     js = nc.jetstream()
     dlq = await js.subscribe(subjects.dlq("fragile"), stream=subjects.stream("dlq"))
     await client.publish(
@@ -207,13 +209,10 @@ async def test_event_whose_handler_keeps_failing_goes_to_the_dlq(
 async def test_dynamic_subscription_stops_delivering_after_its_ttl(
     nc: NATS,
     subjects: Subjects,
-    gateway: Gateway,
     router: Router,
-    spawn_worker: type,
     handled: Counter[str],
+    client: MeshClient,
 ) -> None:
-    spawn_worker(*AGENTS, worker_id="events")
-    await _ready(router, gateway, 1)
     reply = await control_request(
         nc,
         subjects.service("router", "subscribe"),
@@ -223,7 +222,6 @@ async def test_dynamic_subscription_stops_delivering_after_its_ttl(
     )
     assert reply is not None and reply.expires_at is not None
     await eventually(lambda: len(router.dispatcher("ledger").subscriptions) == 3, timeout=5)  # type: ignore[union-attr]
-    client = MeshClient(nc, subjects=subjects)
     await client.publish(TopicId("flash.sale", "s"), {"n": 1}, message_type="OrderEvent")
     await eventually(lambda: "ledger/s/1" in handled, timeout=5)
     await eventually(lambda: len(router.dispatcher("ledger").subscriptions) == 2, timeout=10)  # type: ignore[union-attr]
@@ -236,14 +234,10 @@ async def test_dynamic_subscription_stops_delivering_after_its_ttl(
 async def test_duplicate_message_id_is_handled_once(
     nc: NATS,
     subjects: Subjects,
-    gateway: Gateway,
     router: Router,
-    spawn_worker: type,
     handled: Counter[str],
+    client: MeshClient,
 ) -> None:
-    spawn_worker(*AGENTS, worker_id="events")
-    await _ready(router, gateway, 1)
-    client = MeshClient(nc, subjects=subjects)
     topic = TopicId("orders.created", "dup")
     first = await client.publish(topic, {"n": 1}, message_type="OrderEvent", message_id="order-1")
     again = await client.publish(topic, {"n": 1}, message_type="OrderEvent", message_id="order-1")
@@ -312,14 +306,10 @@ async def test_agent_publishes_from_its_handler_as_the_sender(
 async def test_removing_a_subscription_stops_delivery_and_unmatched_ones_are_reported(
     nc: NATS,
     subjects: Subjects,
-    gateway: Gateway,
     router: Router,
-    spawn_worker: type,
     handled: Counter[str],
+    client: MeshClient,
 ) -> None:
-    spawn_worker(*AGENTS, worker_id="events")
-    await _ready(router, gateway, 1)
-    client = MeshClient(nc, subjects=subjects)
     await client.publish(TopicId("default", "g"), {"n": 1}, message_type="OrderEvent")
     await eventually(lambda: "greeter/g/1" in handled, timeout=10)
 
@@ -385,15 +375,11 @@ async def test_publish_command_refuses_a_bad_topic_with_400(
 async def test_dead_letter_keeps_event_headers_but_not_jetstream_ones(
     nc: NATS,
     subjects: Subjects,
-    gateway: Gateway,
     router: Router,
-    spawn_worker: type,
+    client: MeshClient,
 ) -> None:
-    spawn_worker(*AGENTS, worker_id="events")
-    await _ready(router, gateway, 1)
     js = nc.jetstream()
     dlq = await js.subscribe(subjects.dlq("fragile"), stream=subjects.stream("dlq"))
-    client = MeshClient(nc, subjects=subjects)
     # A publisher that pins the stream: that header must not follow the event to the DLQ.
     await client.publish(
         TopicId("poison", "p2"),
