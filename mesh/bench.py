@@ -330,7 +330,17 @@ async def run_bench(
         responder = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
             [sys.executable, "-m", "mesh.bench", server.url], stdout=subprocess.PIPE, text=True
         )
-        mesh_cli = [sys.executable, "-m", "mesh.cli", "--nats", server.url, "serve"]
+        # The default prefix throughout, whatever MESH_PREFIX says: this is our own server.
+        mesh_cli = [
+            sys.executable,
+            "-m",
+            "mesh.cli",
+            "--nats",
+            server.url,
+            "--prefix",
+            "mesh",
+            "serve",
+        ]
         # The registry in a process of its own, as in production: a gateway holding
         # 100,000 requests must not delay the heartbeats the registry answers.
         registry = subprocess.Popen([*mesh_cli, "registry", "router"])  # noqa: ASYNC220
@@ -342,7 +352,7 @@ async def run_bench(
             heartbeat_interval=1.0,
             extra_args=["--max-in-flight", str(inflight * 2), "--capacity", str(inflight * 2)],
         ).start()
-        client = await MeshClient.connect(ConnectConfig(url=server.url))
+        client = await MeshClient.connect(ConnectConfig(url=server.url), subjects=Subjects())
         try:
             assert responder.stdout is not None
             await asyncio.wait_for(asyncio.to_thread(responder.stdout.readline), 10)

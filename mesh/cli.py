@@ -337,7 +337,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nats",
         default=os.environ.get("MESH_NATS_URL"),
-        help="NATS URL (env MESH_NATS_URL); up/demo embed a server when absent",
+        help="NATS URL (env MESH_NATS_URL); up embeds a server when absent, demo and"
+        " bench always start their own",
     )
     parser.add_argument("--prefix", default=os.environ.get("MESH_PREFIX") or "mesh")
     parser.add_argument("--log-level", default=os.environ.get("MESH_LOG_LEVEL") or "warning")

@@ -84,9 +84,17 @@ class MeshClient:
         default_timeout: float = 30.0,
         name: str = "mesh-client",
     ) -> MeshClient:
-        """Connect to NATS and return a client that closes the connection on `aclose`."""
+        """Connect to NATS and return a client that closes the connection on `aclose`.
+
+        Without arguments it follows ``MESH_NATS_URL`` (and credentials) and ``MESH_PREFIX``.
+        """
         nc = await connect(config or ConnectConfig.from_env(), name=name, reconnect=False)
-        client = cls(nc, subjects=subjects, codec=codec, default_timeout=default_timeout)
+        client = cls(
+            nc,
+            subjects=subjects or Subjects.from_env(),
+            codec=codec,
+            default_timeout=default_timeout,
+        )
         client._owns_connection = True
         return client
 
