@@ -244,7 +244,11 @@ async def cmd_routes(args: argparse.Namespace) -> int:
     nc = await connect(connect_config, name="mesh-cli", reconnect=False)
     try:
         if args.action == "load":
-            rules = load_rules(await asyncio.to_thread(Path(args.arg).read_text))
+            try:
+                text = await asyncio.to_thread(Path(args.arg).read_text)
+            except OSError as exc:
+                raise BadRequestError(f"cannot read {args.arg}: {exc.strerror}") from exc
+            rules = load_rules(text)
             for rule in rules:
                 await control_request(
                     nc, subjects.service("router", "rule_put"), rule, RouteRule, timeout=3

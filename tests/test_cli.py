@@ -169,3 +169,48 @@ async def test_up_embeds_nats_and_stops_cleanly(tmp_path: Path) -> None:
         process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(15):
             assert await process.wait() == 0
+
+
+async def test_publish_subscriptions_and_routes_commands(
+    nats_url: str, nc: NATS, subjects: Subjects, gateway: Gateway
+) -> None:
+    from mesh.handlers.router import Router
+
+    async with Router(nc, subjects):
+        code, out, err = await _mesh(
+            nats_url, subjects, "publish", "orders.created/shop-1", '{"n": 1}', "--msg-id", "o-1"
+        )
+        assert (code, err) == (0, "")
+        assert out.startswith(f"stored as {subjects.stream('events')} #1")
+        code, out, _ = await _mesh(
+            nats_url, subjects, "publish", "orders.created/shop-1", '{"n": 1}', "--msg-id", "o-1"
+        )
+        assert "duplicate, dropped" in out
+
+        code, out, _ = await _mesh(nats_url, subjects, "subscriptions")
+        assert code == 0 and "0 subscriptions" in out
+
+        sample = str(REPO / "mesh" / "samples" / "routes.json")
+        code, out, _ = await _mesh(nats_url, subjects, "routes", "load", sample)
+        assert (code, out.strip()) == (0, "loaded 4 rules")
+        code, out, _ = await _mesh(nats_url, subjects, "routes", "list")
+        assert [line.split()[0] for line in out.splitlines()] == [
+            "calculation",
+            "code",
+            "translation",
+            "weather",
+        ]
+        code, out, _ = await _mesh(nats_url, subjects, "routes", "route", "明天北京的天气怎么样")
+        decision = orjson.loads(out)
+        assert (decision["target"], decision["strategy"]) == ("weather", "rule")
+        code, out, _ = await _mesh(nats_url, subjects, "routes", "remove", "weather")
+        assert out.strip() == "removed"
+        code, out, _ = await _mesh(nats_url, subjects, "routes", "remove", "weather")
+        assert out.strip() == "no such rule"
+
+        code, _, err = await _mesh(nats_url, subjects, "routes", "load", "/nonexistent.json")
+        assert (code, err.split(":")[0]) == (1, "error 400 BadRequest")
+        assert "cannot read /nonexistent.json" in err
+        bad = REPO / "pyproject.toml"
+        code, _, err = await _mesh(nats_url, subjects, "routes", "load", str(bad))
+        assert (code, err.split(":")[0]) == (1, "error 400 BadRequest")
