@@ -123,6 +123,10 @@ class Subjects:
             f"{escape_token(agent_id.type)}.{escape_token(agent_id.key)}"
         )
 
+    def worker_batch(self, worker_id: str) -> str:
+        """``<prefix>.worker.<worker_id>.batch``: several deliveries in one message."""
+        return f"{self.worker(worker_id)}.batch"
+
     def worker_rpc_all(self, worker_id: str) -> str:
         """The filter one worker serves for agent requests."""
         return f"{self.worker(worker_id)}.rpc.>"

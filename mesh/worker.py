@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import msgpack
 import psutil
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -45,11 +46,12 @@ from mesh._wire import (
 )
 from mesh.agent import Agent, HandlerSpec, MessageContext, agent_types_of
 from mesh.client import MeshClient
-from mesh.codec import decode, encode
+from mesh.codec import MSGPACK, decode, encode
 from mesh.config import WorkerConfig
 from mesh.errors import (
     AgentTypeNotFoundError,
     DeadlineExceededError,
+    DecodeError,
     HandlerError,
     InvalidIdError,
     MeshError,
@@ -195,6 +197,12 @@ class Worker(Lifecycle):
                     queue_group=self._subjects.pool_queue(name),
                     max_in_flight=self._config.max_in_flight,
                 )
+        await self._service.add_endpoint(
+            "batch",
+            subject=self._subjects.worker_batch(self.id),
+            handler=self._serve_batch,
+            max_in_flight=self._config.max_in_flight,
+        )
         await self._service.add_endpoint(
             "stats", subject=self._subjects.worker_ctl(self.id, "stats"), handler=self._stats
         )
@@ -433,13 +441,39 @@ class Worker(Lifecycle):
         return await self._serve(msg, self._subjects.parse_pool(msg.subject))
 
     async def _serve(self, msg: Msg, agent_id: AgentId) -> Reply:
-        headers = dict(msg.headers or {})
+        return await self._serve_one(agent_id, msg.data, dict(msg.headers or {}))
+
+    async def _serve_batch(self, msg: Msg) -> Reply:
+        """Several events' deliveries in one message; each runs as a request of its own.
+
+        Body (msgpack): ``{"items": [[agent_type, key, headers, body], ...]}``; reply:
+        ``{"results": [[code, type, message], ...]}`` in the same order, code 0 for success.
+        """
+        try:
+            batch = msgpack.unpackb(msg.data, raw=False)
+            items = [(AgentId(str(t), str(k)), dict(h), bytes(d)) for t, k, h, d in batch["items"]]
+        except MeshError:
+            raise
+        except Exception as exc:
+            raise DecodeError(f"not a delivery batch: {exc}") from exc
+
+        async def one(agent_id: AgentId, headers: dict[str, str], data: bytes) -> list[object]:
+            try:
+                await self._serve_one(agent_id, data, headers)
+            except MeshError as exc:
+                return [int(exc.code), exc.wire_type, exc.message]
+            return [0, "", ""]
+
+        results = await asyncio.gather(*(one(a, h, d) for a, h, d in items))
+        return msgpack.packb({"results": results}), {CONTENT_TYPE: MSGPACK}
+
+    async def _serve_one(self, agent_id: AgentId, data: bytes, headers: dict[str, str]) -> Reply:
         request_id = headers.get(REQUEST_ID) or new_request_id()
         started = asyncio.get_running_loop().time()
         failed = True
         self._inflight += 1
         try:
-            reply = await self._handle(agent_id, msg, headers, request_id)
+            reply = await self._handle(agent_id, data, headers, request_id)
             failed = False
             return reply
         except MeshError as exc:
@@ -452,11 +486,11 @@ class Worker(Lifecycle):
             self._load.record(asyncio.get_running_loop().time() - started, failed)
 
     async def _handle(
-        self, agent_id: AgentId, msg: Msg, headers: dict[str, str], request_id: str
+        self, agent_id: AgentId, data: bytes, headers: dict[str, str], request_id: str
     ) -> Reply:
         codec = request_codec(headers)
         spec = self._handler_for(agent_id, headers)
-        message = decode(msg.data, spec.message_type, codec)
+        message = decode(data, spec.message_type, codec)
         timeout = parse_timeout(headers, MAX_HANDLER_TIME, MAX_HANDLER_TIME)
         # This task serves this one request: what the handler sends inherits its deadline.
         current_deadline.set(Deadline(timeout))

@@ -168,6 +168,10 @@ class Gateway(Lifecycle):
             return Health.UNKNOWN
         return Health.HEALTHY
 
+    def mark_unhealthy(self, worker_id: str, why: str) -> None:
+        """Keep `worker_id` from taking requests for the cooling-off period."""
+        self._mark_unhealthy(worker_id, why)
+
     def _mark_unhealthy(self, worker_id: str, why: str) -> None:
         logger.warning("worker %s is unhealthy for %gs: %s", worker_id, self._config.cooldown, why)
         self.stats(worker_id).unhealthy_until = time.monotonic() + self._config.cooldown
@@ -217,6 +221,10 @@ class Gateway(Lifecycle):
             and agent_type in record.agent_types
             and self.health(worker_id) is not Health.UNHEALTHY
         )
+
+    async def placement_for(self, agent_id: AgentId) -> Placement:
+        """The agent's placement on a worker that takes requests, placing or moving it."""
+        return await self._placement(agent_id)
 
     async def _placement(self, agent_id: AgentId) -> Placement:
         """The agent's placement on a worker that takes requests, placing or moving it."""

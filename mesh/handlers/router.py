@@ -33,6 +33,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field, ValidationError
 
 from mesh import __version__
+from mesh._batching import DeliveryBatcher
 from mesh._connect import on_reconnect
 from mesh._control import model_reply, read_request
 from mesh._dispatch import EventDispatcher
@@ -40,7 +41,6 @@ from mesh._kv import BucketConfig, KvMirror, MirroredEntry, ensure_bucket, put_w
 from mesh._lifecycle import Lifecycle
 from mesh._micro import MicroService, Reply
 from mesh._streams import ensure_event_streams
-from mesh._wire import REQUEST_ID, Deadline, error_from_reply, new_request_id
 from mesh.config import EventsConfig, RoutingConfig
 from mesh.errors import BadRequestError, InvalidIdError, MeshError
 from mesh.handlers.gateway import Gateway
@@ -152,6 +152,7 @@ class Router(Lifecycle):
         # Events go straight to their agents' workers through an embedded, non-serving
         # gateway: placement as usual, one process hop fewer than through mesh.rpc.
         self._forwarder = Gateway(nc, self._subjects, serve=False)
+        self._batcher = DeliveryBatcher(nc, self._subjects, self._forwarder)
         self._subscriptions: dict[str, Subscription] = {}
         self._dispatchers: dict[str, EventDispatcher] = {}
         self._kv: KeyValue | None = None
@@ -225,6 +226,7 @@ class Router(Lifecycle):
                 await self._reconciler
         for dispatcher in self._dispatchers.values():
             await dispatcher.stop(grace)
+        await self._batcher.aclose()
         for mirror in (self._mirror, self._routes_mirror):
             if mirror is not None:
                 await mirror.aclose()
@@ -264,23 +266,11 @@ class Router(Lifecycle):
             dispatcher = self._dispatchers.get(agent_type)
             if dispatcher is None:
                 dispatcher = self._dispatchers[agent_type] = EventDispatcher(
-                    self._js, self._send, self._subjects, agent_type, self._config
+                    self._js, self._batcher.send, self._subjects, agent_type, self._config
                 )
             await dispatcher.update(subs)
         for agent_type in [t for t in self._dispatchers if t not in by_type]:
             await self._dispatchers.pop(agent_type).stop(delete=True)
-
-    async def _send(
-        self, agent_id: AgentId, data: bytes, headers: dict[str, str], timeout: float
-    ) -> None:
-        if REQUEST_ID not in headers:
-            headers[REQUEST_ID] = new_request_id()
-        body, reply_headers = await self._forwarder.deliver(
-            agent_id, data, headers, Deadline(timeout)
-        )
-        error = error_from_reply(body, reply_headers)
-        if error is not None:
-            raise error
 
     def dispatcher(self, agent_type: str) -> EventDispatcher | None:
         return self._dispatchers.get(agent_type)
