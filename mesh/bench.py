@@ -1,7 +1,7 @@
 """``mesh bench``: what mesh's request path costs, against raw NATS in the same run.
 
-It starts its own NATS server, the services (registry and gateway in one process)
-and one worker process, then measures for a 64-byte echo:
+It starts its own NATS server, the gateway, the registry and router (in another
+process) and one worker process, then measures for a 64-byte echo:
 
 - ``raw_rpc``: nats-py request/reply to a plain responder process (the floor);
 - ``gateway_rpc``: mesh RPC through the gateway to a placed agent;
@@ -341,10 +341,10 @@ async def run_bench(
             "mesh",
             "serve",
         ]
-        # The registry in a process of its own, as in production: a gateway holding
-        # 100,000 requests must not delay the heartbeats the registry answers.
-        registry = subprocess.Popen([*mesh_cli, "registry", "router"])  # noqa: ASYNC220
-        services = subprocess.Popen([*mesh_cli, "gateway"], env=env)  # noqa: ASYNC220
+        # The gateway in a process of its own, as in production: holding 100,000
+        # requests, it must not delay the heartbeats the registry answers, nor events.
+        control = subprocess.Popen([*mesh_cli, "registry", "router"])  # noqa: ASYNC220
+        gateway = subprocess.Popen([*mesh_cli, "gateway"], env=env)  # noqa: ASYNC220
         worker = WorkerProcess(
             server.url,
             ["mesh.bench:PlacedEcho", "mesh.bench:PooledEcho", "mesh.bench:BenchSink"],
@@ -386,11 +386,11 @@ async def run_bench(
             )
             results["events"] = await _events(nc, Subjects(), events, sources=100)
             console.print(f"holding {inflight:,} requests in flight for {hold:g}s each…")
-            results["inflight_100k"] = await _hold_inflight(client, services.pid, inflight, hold)
+            results["inflight_100k"] = await _hold_inflight(client, gateway.pid, inflight, hold)
         finally:
             await client.aclose()
             worker.stop()
-            for process in (services, registry, responder):
+            for process in (gateway, control, responder):
                 process.terminate()
                 process.wait(10)
     console.print(_table(results, requests))
