@@ -120,10 +120,15 @@ async def _tour(tour: _Tour, workers: dict[str, WorkerProcess]) -> None:
         "The client sends to mesh.rpc.<type>.<key>; the gateway picks a live worker and "
         "forwards by request/reply. echo is stateless, so calls spread over both workers.",
     )
-    answered_by = set()
+    answered_by: Tally[str] = Tally()
     for name in ("alice", "bob", "carol", "dave"):
         reply = await tour.call(f"echo/{name}", {"text": f"hello {name}"})
-        answered_by.add(reply["worker"])
+        answered_by[reply["worker"]] += 1
+    # The pool's queue group picks at random: a few dozen calls show the spread surely.
+    for n in range(40):
+        reply = await client.call(AgentId("echo", f"visitor-{n}"), {"text": "hi"})
+        answered_by[reply["worker"]] += 1
+    console.print(f"  …and 40 more: answered by {dict(sorted(answered_by.items()))}")
     tour.expect(len(answered_by) == 2, "echo calls were answered by both workers")
 
     tour.step(
