@@ -38,13 +38,33 @@ def on_reconnect(nc: NATS, callback: ReconnectCallback) -> Callable[[], None]:
     return remove
 
 
+#: Re-watching right after a server restart can fail while JetStream recovers: retry.
+REWATCH_ATTEMPTS = 20
+_running: set[asyncio.Task[None]] = set()
+
+
 async def _run_reconnect_callbacks(nc: NATS, name: str) -> None:
+    """Run the callbacks in a task of their own, so that nats-py's reconnect goes on."""
+    task = asyncio.create_task(_retry_callbacks(nc, name), name=f"after-reconnect:{name}")
+    _running.add(task)
+    task.add_done_callback(_running.discard)
+
+
+async def _retry_callbacks(nc: NATS, name: str) -> None:
     for callback in list(_reconnect_callbacks.get(nc, [])):
-        try:
-            async with asyncio.timeout(30):
-                await callback()
-        except Exception:
-            logger.exception("after reconnecting %s, a callback failed", name)
+        delay = 0.1
+        for attempt in range(1, REWATCH_ATTEMPTS + 1):
+            try:
+                async with asyncio.timeout(30):
+                    await callback()
+                break
+            except Exception as exc:
+                if nc.is_closed or attempt == REWATCH_ATTEMPTS:
+                    logger.exception("after reconnecting %s, a callback failed", name)
+                    break
+                logger.info("after reconnecting %s: %s; trying again", name, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
 
 async def connect(config: ConnectConfig, *, name: str, reconnect: bool = True) -> NATS:

@@ -122,6 +122,7 @@ class KvMirror:
         self._task: asyncio.Task[None] | None = None
         self._watcher: KeyValue.KeyWatcher | None = None
         self._reloaded: set[str] | None = None
+        self._closed = False
 
     async def start(self, timeout: float = 10.0) -> None:
         """Start watching and return once the current values are loaded."""
@@ -133,7 +134,10 @@ class KvMirror:
         """Watch anew, e.g. after a reconnect, when the old watch may have stalled.
 
         Current values are loaded again; keys that vanished meanwhile are reported gone.
+        Does nothing once closed.
         """
+        if self._closed:
+            return
         await self._stop()
         self._reloaded = set()
         await self._watch(timeout)
@@ -196,4 +200,5 @@ class KvMirror:
 
     async def aclose(self) -> None:
         """Stop watching. Idempotent."""
+        self._closed = True
         await self._stop()
