@@ -187,6 +187,9 @@ async def test_publish_subscriptions_and_routes_commands(
         )
         assert "duplicate, dropped" in out
 
+        code, _, err = await _mesh(nats_url, subjects, "publish", "orders..created/s", "{}")
+        assert (code, err.split(":")[0]) == (1, "error 400 InvalidId")
+
         code, out, _ = await _mesh(nats_url, subjects, "subscriptions")
         assert code == 0 and "0 subscriptions" in out
 

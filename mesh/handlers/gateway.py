@@ -170,9 +170,6 @@ class Gateway(Lifecycle):
 
     def mark_unhealthy(self, worker_id: str, why: str) -> None:
         """Keep `worker_id` from taking requests for the cooling-off period."""
-        self._mark_unhealthy(worker_id, why)
-
-    def _mark_unhealthy(self, worker_id: str, why: str) -> None:
         logger.warning("worker %s is unhealthy for %gs: %s", worker_id, self._config.cooldown, why)
         self.stats(worker_id).unhealthy_until = time.monotonic() + self._config.cooldown
 
@@ -223,10 +220,6 @@ class Gateway(Lifecycle):
         )
 
     async def placement_for(self, agent_id: AgentId) -> Placement:
-        """The agent's placement on a worker that takes requests, placing or moving it."""
-        return await self._placement(agent_id)
-
-    async def _placement(self, agent_id: AgentId) -> Placement:
         """The agent's placement on a worker that takes requests, placing or moving it."""
         placement = self.placements.get(agent_id)
         for _ in range(PLACEMENT_ROUNDS):
@@ -288,14 +281,14 @@ class Gateway(Lifecycle):
             return await self._forward_to_pool(agent_id, data, headers, deadline)
         retried = False
         while True:
-            placement = await self._placement(agent_id)
+            placement = await self.placement_for(agent_id)
             try:
                 return await self._forward_to_worker(
                     placement.worker_id, agent_id, data, headers, deadline
                 )
             except NoRespondersError:
                 self.vanished_workers += 1
-                self._mark_unhealthy(placement.worker_id, f"no responders for {agent_id}")
+                self.mark_unhealthy(placement.worker_id, f"no responders for {agent_id}")
                 if retried:
                     raise NoWorkerAvailableError(
                         f"the workers placed for {agent_id} did not answer"
@@ -326,7 +319,7 @@ class Gateway(Lifecycle):
         except NatsTimeoutError:
             stats.record_failure()
             if stats.consecutive_failures >= self._config.failures_before_unhealthy:
-                self._mark_unhealthy(worker_id, f"{stats.consecutive_failures} timeouts in a row")
+                self.mark_unhealthy(worker_id, f"{stats.consecutive_failures} timeouts in a row")
             raise DeadlineExceededError(
                 f"worker {worker_id} did not answer for {agent_id} in time"
             ) from None
