@@ -23,11 +23,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.client import JetStreamContext
 
+from mesh._consume import PullConsumer
 from mesh._wire import (
     CONTENT_TYPE,
     MSG_TYPE,
@@ -113,7 +113,7 @@ class EventDispatcher:
     """Delivers the events one agent type subscribed to.
 
     Args:
-        js: JetStream context.
+        nc: The connection.
         send: Sends each event to its agent and raises `MeshError` if the handler failed.
         subjects: The mesh's names.
         agent_type: Whose events.
@@ -122,13 +122,14 @@ class EventDispatcher:
 
     def __init__(
         self,
-        js: JetStreamContext,
+        nc: NATS,
         send: Send,
         subjects: Subjects,
         agent_type: str,
         config: EventsConfig,
     ) -> None:
-        self._js = js
+        self._nc = nc
+        self._js = nc.jetstream()
         self._send = send
         self._subjects = subjects
         self.agent_type = agent_type
@@ -138,19 +139,19 @@ class EventDispatcher:
         self.stats: dict[str, SubscriptionStats] = {}
         self._filters: list[str] = []
         self._lanes: dict[str, _Lane] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._consumer: PullConsumer | None = None
+        self._recreating: asyncio.Task[None] | None = None
         self._keepalive: asyncio.Task[None] | None = None
         # Events fetched and not yet settled, by stream sequence: a redelivery of one of
         # them (ack_wait passed while it queued) is dropped rather than handled twice.
         self._held: dict[int, Msg] = {}
-        self._room = asyncio.Event()
-        self._room.set()
 
     async def update(self, subscriptions: Sequence[Subscription]) -> None:
-        """Deliver for these subscriptions from now on (starting or narrowing as needed)."""
-        self.subscriptions = list(subscriptions)
-        for sub in self.subscriptions:
-            self.stats.setdefault(sub.id, SubscriptionStats())
+        """Deliver for these subscriptions from now on (starting or narrowing as needed).
+
+        They show in `subscriptions` once the consumer's filters cover them: an event
+        published after that is delivered.
+        """
         filters = covering_filters([s.subject_filter(self._subjects) for s in subscriptions])
         if filters != self._filters:
             await self._js.add_consumer(
@@ -166,35 +167,41 @@ class EventDispatcher:
                 ),
             )
             self._filters = filters  # only once the server has them: a failure is retried
-        if self._task is None:
-            self._task = asyncio.create_task(self._pull(), name=f"events:{self.agent_type}")
+        self.subscriptions = list(subscriptions)
+        for sub in self.subscriptions:
+            self.stats.setdefault(sub.id, SubscriptionStats())
+        if self._consumer is None:
+            self._consumer = PullConsumer(
+                self._nc,
+                self._subjects.stream("events"),
+                self.durable,
+                self._enqueue,
+                self._room,
+                self._consumer_gone,
+                batch=self._config.batch,
+            )
+            self._consumer.start()
             self._keepalive = asyncio.create_task(
                 self._keep_held_alive(), name=f"events-keepalive:{self.agent_type}"
             )
 
-    async def _pull(self) -> None:
-        subscription = await self._js.pull_subscribe_bind(
-            durable=self.durable, stream=self._subjects.stream("events")
-        )
-        try:
-            while True:
-                await self._room.wait()  # at most `max_held` events fetched and unsettled
-                try:
-                    batch = await subscription.fetch(self._config.batch, timeout=1.0)
-                except (NatsTimeoutError, TimeoutError):
-                    continue
-                except Exception as exc:
-                    logger.warning("fetching events for %s failed: %s", self.agent_type, exc)
-                    if "consumer not found" in str(exc).lower():
-                        self._filters = []  # deleted behind our back: the next update re-creates
-                        await self.update(self.subscriptions)
-                    await asyncio.sleep(0.5)
-                    continue
-                for msg in batch:
-                    self._enqueue(msg)
-        finally:
-            with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
+    def _room(self) -> int:
+        return self._config.max_held - len(self._held)
+
+    def _consumer_gone(self) -> None:
+        """Deleted behind our back, or a new server: create it again (tried until it works)."""
+        self._filters = []
+        if self._recreating is None or self._recreating.done():
+            self._recreating = asyncio.create_task(self._recreate())
+
+    async def _recreate(self) -> None:
+        while self._consumer is not None:
+            try:
+                await self.update(self.subscriptions)
+                return
+            except Exception as exc:
+                logger.warning("re-creating the consumer for %s failed: %s", self.agent_type, exc)
+                await asyncio.sleep(1.0)
 
     async def _keep_held_alive(self) -> None:
         """Tell the server that fetched events still waiting in a lane are being worked on."""
@@ -206,16 +213,14 @@ class EventDispatcher:
 
     def _settled(self, msg: Msg) -> None:
         self._held.pop(msg.metadata.sequence.stream, None)
-        if len(self._held) < self._config.max_held:
-            self._room.set()
+        if self._consumer is not None:
+            self._consumer.wake()
 
     def _enqueue(self, msg: Msg) -> None:
         sequence = msg.metadata.sequence.stream
         if sequence in self._held:
             return  # a redelivery of an event still queued or in delivery here
         self._held[sequence] = msg
-        if len(self._held) >= self._config.max_held:
-            self._room.clear()
         source = msg.subject.rsplit(".", 1)[-1]
         lane = self._lanes.get(source)
         if lane is None:
@@ -239,7 +244,7 @@ class EventDispatcher:
                     self._settled(msg)
         finally:
             lane.task = None
-            if lane.queue.empty() or self._task is None:
+            if lane.queue.empty() or self._consumer is None:
                 self._lanes.pop(source, None)
             else:  # something arrived as we finished
                 lane.task = asyncio.create_task(self._drive(source, lane))
@@ -327,11 +332,14 @@ class EventDispatcher:
         back what is still queued (nak), so that it comes back at once and in order.
         With `delete`, remove the consumer too.
         """
-        fetchers = [t for t in (self._task, self._keepalive) if t is not None]
-        self._task = self._keepalive = None
-        for task in fetchers:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
+        background = [t for t in (self._keepalive, self._recreating) if t is not None]
+        self._keepalive = self._recreating = None
+        for task in background:
             task.cancel()
-        await asyncio.gather(*fetchers, return_exceptions=True)
+        await asyncio.gather(*background, return_exceptions=True)
         queued = [msg for lane in self._lanes.values() for msg in _drain(lane.queue)]
         for msg in sorted(queued, key=lambda m: m.metadata.sequence.stream):
             with contextlib.suppress(Exception):

@@ -404,7 +404,7 @@ async def test_a_failed_consumer_update_is_tried_again(
     from mesh._streams import ensure_event_streams
 
     dispatcher = EventDispatcher(
-        nc.jetstream(),
+        nc,
         send_through(MeshClient(nc, subjects=subjects)),
         subjects,
         "ledger",
@@ -435,3 +435,20 @@ async def test_backlog_longer_than_ack_wait_is_neither_duplicated_nor_reordered(
         log = await _log(client, "slow-ledger", "one")
         assert log["seen"] == list(range(12))
         assert set(handled.values()) == {1}
+
+
+async def test_a_consumer_deleted_behind_the_routers_back_is_recreated(
+    nc: NATS, subjects: Subjects, router: Router, handled: Counter[str], client: MeshClient
+) -> None:
+    dispatcher = router.dispatcher("ledger")
+    assert dispatcher is not None
+    js = nc.jetstream()
+    await js.delete_consumer(subjects.stream("events"), dispatcher.durable)
+
+    async def recreated() -> bool:
+        info = await js.consumer_info(subjects.stream("events"), dispatcher.durable)
+        return info.num_waiting > 0  # and the router's pull requests wait on it again
+
+    await eventually(recreated, timeout=15, message="the consumer re-created and pulled")
+    await client.publish(TopicId("orders.created", "after"), {"n": 7}, message_type="OrderEvent")
+    await eventually(lambda: handled["ledger/after/7"] == 1, timeout=10)

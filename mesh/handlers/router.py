@@ -266,7 +266,7 @@ class Router(Lifecycle):
             dispatcher = self._dispatchers.get(agent_type)
             if dispatcher is None:
                 dispatcher = self._dispatchers[agent_type] = EventDispatcher(
-                    self._js, self._batcher.send, self._subjects, agent_type, self._config
+                    self._nc, self._batcher.send, self._subjects, agent_type, self._config
                 )
             await dispatcher.update(subs)
         for agent_type in [t for t in self._dispatchers if t not in by_type]:
