@@ -6,14 +6,14 @@ from typing import TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
+from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import BaseModel
 
 from mesh._micro import Reply
 from mesh._wire import CONTENT_TYPE, REQUEST_ID, error_from_reply, reply_codec, request_codec
 from mesh.codec import JSON, decode, encode
-from mesh.errors import DeadlineExceededError, NoWorkerAvailableError
+from mesh.errors import DeadlineExceededError, NoWorkerAvailableError, PayloadTooLargeError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -46,6 +46,7 @@ async def control_request(
     Raises:
         MeshError: The endpoint answered with an error (its code's subclass).
         NoWorkerAvailableError: Nobody serves `subject`.
+        PayloadTooLargeError: The body is over the connection's message limit.
         DeadlineExceededError: No answer within `timeout`.
     """
     try:
@@ -54,6 +55,8 @@ async def control_request(
         )
     except NoRespondersError:
         raise NoWorkerAvailableError(f"no service answers on {subject}") from None
+    except MaxPayloadError as exc:
+        raise PayloadTooLargeError(f"the request to {subject} is too large: {exc}") from None
     except (TimeoutError, NatsTimeoutError):
         raise DeadlineExceededError(f"no answer on {subject} within {timeout:g}s") from None
     error = error_from_reply(reply.data, reply.headers)

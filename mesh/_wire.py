@@ -11,6 +11,7 @@ from typing import Any, Final
 from mesh.codec import JSON_CODEC, Codec, UnsupportedContentTypeError, codec_for, decode_plain
 from mesh.errors import (
     BadRequestError,
+    ConflictError,
     DecodeError,
     MeshError,
     RateLimitedError,
@@ -107,14 +108,15 @@ class Deadline:
 
 def error_body(error: MeshError) -> dict[str, Any]:
     """The protocol's error body for `error`."""
-    return {
-        "error": {
-            "code": int(error.code),
-            "type": error.wire_type,
-            "message": error.message,
-            "request_id": error.request_id,
-        }
+    detail: dict[str, Any] = {
+        "code": int(error.code),
+        "type": error.wire_type,
+        "message": error.message,
+        "request_id": error.request_id,
     }
+    if isinstance(error, ConflictError) and error.current_version is not None:
+        detail["current_version"] = error.current_version
+    return {"error": detail}
 
 
 def error_reply(
@@ -146,6 +148,7 @@ def error_from_reply(data: bytes, headers: Mapping[str, str] | None) -> MeshErro
         code = 500
     message = headers.get(SERVICE_ERROR, "")
     wire_type: str | None = None
+    current_version: int | None = None
     request_id = headers.get(REQUEST_ID)
     try:
         body = decode_plain(data, reply_codec(headers))
@@ -156,6 +159,8 @@ def error_from_reply(data: bytes, headers: Mapping[str, str] | None) -> MeshErro
         message = str(detail.get("message") or message)
         wire_type = detail.get("type")
         request_id = detail.get("request_id") or request_id
+        if isinstance(detail.get("current_version"), int):
+            current_version = detail["current_version"]
     cls = error_class(code, wire_type)
     error: MeshError
     if cls is RateLimitedError:
@@ -166,6 +171,8 @@ def error_from_reply(data: bytes, headers: Mapping[str, str] | None) -> MeshErro
             else None
         )
         error = RateLimitedError(message, retry_after=retry_after, request_id=request_id)
+    elif cls is ConflictError:
+        error = ConflictError(message, current_version=current_version, request_id=request_id)
     else:
         error = cls(message, request_id=request_id)
     error.remote = True

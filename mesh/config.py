@@ -251,3 +251,32 @@ class RoutingConfig:
             min_confidence=_float(env, "MESH_ROUTER_MIN_CONFIDENCE", default.min_confidence),
             min_similarity=_float(env, "MESH_ROUTER_MIN_SIMILARITY", default.min_similarity),
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateConfig:
+    """Settings of the state service (``mesh-state``).
+
+    Attributes:
+        history: Versions kept per agent (KV history, 1-64), when the bucket is created.
+        max_state_bytes: Largest state (its JSON) accepted; larger ones get 413.
+        known_revisions: Agents whose latest KV revision the service remembers, so that
+            a write expecting the version it last wrote needs no read first.
+    """
+
+    history: int = 16
+    max_state_bytes: int = 1_000_000
+    known_revisions: int = 100_000
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.history <= 64:
+            raise BadRequestError(f"state history must be 1 to 64 versions, not {self.history}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> StateConfig:
+        default = cls()
+        return cls(
+            history=_int(env, "MESH_STATE_HISTORY", default.history),
+            max_state_bytes=_int(env, "MESH_STATE_MAX_BYTES", default.max_state_bytes),
+            known_revisions=_int(env, "MESH_STATE_KNOWN_REVISIONS", default.known_revisions),
+        )

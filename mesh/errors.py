@@ -11,10 +11,12 @@ The tree::
     ├── ForbiddenError              403
     ├── AgentTypeNotFoundError      404
     ├── WorkerNotRegisteredError    404  a heartbeat from a worker the registry lost
-    ├── ConflictError               409
+    ├── StateNotFoundError          404  no saved state for the agent (or that version)
+    ├── ConflictError               409  a state write lost to another (`current_version`)
     ├── PayloadTooLargeError        413
     ├── RateLimitedError            429
     ├── HandlerError                500  the agent's handler raised
+    ├── StateCorruptError           500  saved state failed its integrity check
     ├── NoWorkerAvailableError      503
     ├── DeadlineExceededError       504
     └── MeshConnectionError         no code: NATS itself could not be reached
@@ -127,10 +129,31 @@ class WorkerNotRegisteredError(MeshError):
     code = ErrorCode.NOT_FOUND
 
 
+class StateNotFoundError(MeshError):
+    """No state is saved for the agent, or not the version asked for (404)."""
+
+    code = ErrorCode.NOT_FOUND
+
+
 class ConflictError(MeshError):
-    """A state version conflict (409)."""
+    """A state write found another version than the one it expected (409).
+
+    Attributes:
+        current_version: The version saved now (0 when there is none), when known.
+    """
 
     code = ErrorCode.CONFLICT
+    wire_type = "StateConflict"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        current_version: int | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message, request_id=request_id)
+        self.current_version = current_version
 
 
 class PayloadTooLargeError(MeshError):
@@ -160,6 +183,12 @@ class HandlerError(MeshError):
 
     code = ErrorCode.HANDLER_FAILED
     wire_type = "HandlerFailed"
+
+
+class StateCorruptError(MeshError):
+    """Saved state does not match its checksum; it is never handed out (500)."""
+
+    code = ErrorCode.HANDLER_FAILED
 
 
 class NoWorkerAvailableError(MeshError):

@@ -1,0 +1,172 @@
+"""Agents' saved state, through the state service (``mesh.state.<op>``).
+
+Each agent's state is a JSON object saved in KV ``mesh-state`` under
+``<agent_type>.<key>`` with a version that counts 1, 2, 3... per agent and a checksum.
+A write may say which version it expects: of two writers expecting the same version,
+one wins and the other gets `ConflictError` (409) with the version saved now, unless
+the write's conflict policy is ``last_write_wins`` or ``merge``.
+
+Example::
+
+    store = StateClient(nc)
+    saved = await store.put(AgentId("counter", "a"), {"value": 1}, expected_version=0)
+    record = await store.get(AgentId("counter", "a"))
+    assert record.version == saved.version == 1
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, TypeVar
+
+from nats.aio.client import Client as NATS
+from pydantic import BaseModel, Field
+
+from mesh._conflicts import ConflictPolicy
+from mesh._control import control_request
+from mesh.ids import AgentId
+from mesh.records import utcnow
+from mesh.subjects import Subjects
+
+SERVICE = "state"
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StateRecord(BaseModel):
+    """One saved version of an agent's state: what ``nats kv get mesh-state`` shows."""
+
+    agent_type: str
+    key: str
+    version: int = Field(ge=1, description="1, 2, 3... per agent")
+    state: dict[str, Any]
+    checksum: str = Field(description="sha256:<hex> of the state's JSON with sorted keys")
+    updated_at: datetime = Field(default_factory=utcnow)
+    writer: str | None = Field(None, description="the worker or client that wrote it")
+
+    @property
+    def agent_id(self) -> AgentId:
+        return AgentId(self.agent_type, self.key)
+
+
+class StateGetRequest(BaseModel):
+    agent_type: str
+    key: str
+    version: int | None = Field(None, ge=1, description="an older version, while it is kept")
+
+
+class StatePutRequest(BaseModel):
+    agent_type: str
+    key: str
+    state: dict[str, Any]
+    expected_version: int | None = Field(
+        None, ge=0, description="the version this write replaces; 0: none yet; absent: any"
+    )
+    policy: ConflictPolicy = "reject"
+    writer: str | None = None
+
+
+class StatePutReply(BaseModel):
+    version: int
+    checksum: str
+    updated_at: datetime
+    merged: bool = Field(False, description="another writer's changes were merged in")
+    state: dict[str, Any] | None = Field(None, description="the saved state, when merged")
+
+
+class StateHistoryRequest(BaseModel):
+    agent_type: str
+    key: str
+
+
+class StateVersion(BaseModel):
+    version: int
+    checksum: str
+    updated_at: datetime
+    writer: str | None = None
+
+
+class StateHistoryReply(BaseModel):
+    versions: list[StateVersion] = Field(description="oldest first, as far as kept")
+
+
+class StateDeleteRequest(BaseModel):
+    agent_type: str
+    key: str
+    expected_version: int | None = Field(None, ge=1)
+
+
+class StateDeleteReply(BaseModel):
+    deleted: bool
+
+
+class StateClient:
+    """Reads and writes agents' state through the state service.
+
+    Args:
+        nc: A connected client.
+        subjects: The mesh's names.
+        timeout: Seconds to wait for each answer.
+    """
+
+    def __init__(self, nc: NATS, subjects: Subjects | None = None, timeout: float = 5.0) -> None:
+        self._nc = nc
+        self._subjects = subjects or Subjects()
+        self._timeout = timeout
+
+    async def get(self, agent_id: AgentId, version: int | None = None) -> StateRecord:
+        """The latest state, or `version` while it is kept.
+
+        Raises:
+            StateNotFoundError: Nothing saved (or that version is gone).
+            StateCorruptError: What is saved fails its checksum.
+        """
+        request = StateGetRequest(agent_type=agent_id.type, key=agent_id.key, version=version)
+        return await self._request("get", request, StateRecord)
+
+    async def put(
+        self,
+        agent_id: AgentId,
+        state: Mapping[str, Any],
+        *,
+        expected_version: int | None = None,
+        policy: ConflictPolicy = "reject",
+        writer: str | None = None,
+    ) -> StatePutReply:
+        """Save `state` as the agent's next version.
+
+        Raises:
+            ConflictError: Another version than `expected_version` is saved, and the
+                policy did not resolve it (``current_version`` says which).
+            PayloadTooLargeError: The state is over the service's limit, or the request
+                over the connection's.
+        """
+        request = StatePutRequest(
+            agent_type=agent_id.type,
+            key=agent_id.key,
+            state=dict(state),
+            expected_version=expected_version,
+            policy=policy,
+            writer=writer,
+        )
+        return await self._request("put", request, StatePutReply)
+
+    async def history(self, agent_id: AgentId) -> list[StateVersion]:
+        """The versions kept, oldest first; empty when nothing is saved."""
+        request = StateHistoryRequest(agent_type=agent_id.type, key=agent_id.key)
+        return (await self._request("history", request, StateHistoryReply)).versions
+
+    async def delete(self, agent_id: AgentId, *, expected_version: int | None = None) -> bool:
+        """Delete the agent's state; whether there was any."""
+        request = StateDeleteRequest(
+            agent_type=agent_id.type, key=agent_id.key, expected_version=expected_version
+        )
+        return (await self._request("delete", request, StateDeleteReply)).deleted
+
+    async def _request(self, op: str, request: BaseModel, reply: type[M]) -> M:
+        answer = await control_request(
+            self._nc, self._subjects.service(SERVICE, op), request, reply, timeout=self._timeout
+        )
+        assert answer is not None
+        return answer

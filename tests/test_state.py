@@ -1,0 +1,250 @@
+"""The state service: versions, compare-and-set, conflict policies, history, integrity."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+from nats.aio.client import Client as NATS
+
+from mesh import AgentId
+from mesh.config import StateConfig
+from mesh.errors import (
+    ConflictError,
+    PayloadTooLargeError,
+    StateCorruptError,
+    StateNotFoundError,
+)
+from mesh.handlers.state import StateService
+from mesh.state import StateClient
+from mesh.subjects import Subjects
+from tests.helpers import assert_error
+
+COUNTER = AgentId("counter", "a")
+
+
+@pytest.fixture
+async def service(nc: NATS, subjects: Subjects) -> AsyncIterator[StateService]:
+    async with StateService(nc, subjects, StateConfig(history=8)) as svc:
+        yield svc
+
+
+@pytest.fixture
+def store(nc: NATS, subjects: Subjects, service: StateService) -> StateClient:
+    return StateClient(nc, subjects)
+
+
+async def _request(nc: NATS, subjects: Subjects, op: str, body: bytes) -> object:
+    return await nc.request(subjects.service("state", op), body, timeout=5)
+
+
+async def test_versions_count_up_and_older_ones_can_be_read(store: StateClient) -> None:
+    for n in range(1, 4):
+        saved = await store.put(COUNTER, {"value": n}, expected_version=n - 1, writer="t")
+        assert saved.version == n
+    latest = await store.get(COUNTER)
+    assert (latest.version, latest.state, latest.writer) == (3, {"value": 3}, "t")
+    assert (await store.get(COUNTER, version=2)).state == {"value": 2}
+    history = await store.history(COUNTER)
+    assert [v.version for v in history] == [1, 2, 3]
+    assert history[-1].checksum == latest.checksum
+
+
+async def test_nothing_saved_is_a_404(store: StateClient) -> None:
+    with pytest.raises(StateNotFoundError):
+        await store.get(AgentId("counter", "nobody"))
+    await store.put(COUNTER, {"value": 1})
+    with pytest.raises(StateNotFoundError):
+        await store.get(COUNTER, version=7)
+    assert await store.history(AgentId("counter", "nobody")) == []
+
+
+async def test_of_fifty_writers_expecting_one_version_exactly_one_wins(
+    store: StateClient,
+) -> None:
+    await store.put(COUNTER, {"value": 0}, expected_version=0)
+    outcomes = await asyncio.gather(
+        *(store.put(COUNTER, {"value": n}, expected_version=1) for n in range(50)),
+        return_exceptions=True,
+    )
+    wins = [o for o in outcomes if not isinstance(o, BaseException)]
+    conflicts = [o for o in outcomes if isinstance(o, ConflictError)]
+    assert len(wins) == 1 and len(conflicts) == 49, outcomes
+    assert {c.current_version for c in conflicts} == {2}
+    assert (await store.get(COUNTER)).version == 2
+
+
+async def test_read_modify_write_with_retry_loses_no_increment(
+    nc: NATS, subjects: Subjects, service: StateService
+) -> None:
+    # Two replicas of the service, so their remembered revisions go stale under each other.
+    async with StateService(nc, subjects) as other:
+        del other
+        store = StateClient(nc, subjects)
+
+        async def add_one() -> None:
+            while True:
+                try:
+                    current = await store.get(COUNTER)
+                    value, version = current.state["value"], current.version
+                except StateNotFoundError:
+                    value, version = 0, 0
+                try:
+                    await store.put(COUNTER, {"value": value + 1}, expected_version=version)
+                    return
+                except ConflictError:
+                    continue
+
+        await asyncio.gather(*(add_one() for _ in range(16) for _ in range(5)))
+        saved = await store.get(COUNTER)
+        assert saved.state == {"value": 80}
+        assert saved.version == 80
+
+
+async def test_last_write_wins_writes_over_a_newer_version(store: StateClient) -> None:
+    await store.put(COUNTER, {"value": 1}, expected_version=0)
+    await store.put(COUNTER, {"value": 2}, expected_version=1)
+    saved = await store.put(COUNTER, {"value": 10}, expected_version=1, policy="last_write_wins")
+    assert saved.version == 3 and not saved.merged
+    assert (await store.get(COUNTER)).state == {"value": 10}
+
+
+async def test_merge_takes_fields_changed_by_one_side_and_refuses_a_true_conflict(
+    store: StateClient,
+) -> None:
+    profile = AgentId("profile", "p")
+    base = {"name": "Ann", "city": "Oslo", "prefs": {"lang": "en", "theme": "dark"}}
+    await store.put(profile, base, expected_version=0)
+    theirs = {**base, "city": "Bergen", "prefs": {"lang": "en", "theme": "light"}}
+    await store.put(profile, theirs, expected_version=1)
+    ours = {**base, "name": "Anne", "prefs": {"lang": "nb", "theme": "dark"}, "age": 40}
+    saved = await store.put(profile, ours, expected_version=1, policy="merge")
+    expected = {
+        "name": "Anne",
+        "city": "Bergen",
+        "prefs": {"lang": "nb", "theme": "light"},
+        "age": 40,
+    }
+    assert saved.merged and saved.version == 3 and saved.state == expected
+    assert (await store.get(profile)).state == expected
+    clash = {**base, "city": "Trondheim"}  # they moved the city to Bergen meanwhile
+    with pytest.raises(ConflictError, match="city") as caught:
+        await store.put(profile, clash, expected_version=1, policy="merge")
+    assert caught.value.current_version == 3
+    assert (await store.get(profile)).state == expected
+
+
+async def test_state_changed_behind_the_services_back_is_refused(
+    nc: NATS, subjects: Subjects, store: StateClient
+) -> None:
+    await store.put(COUNTER, {"value": 1})
+    kv = await nc.jetstream().key_value(subjects.bucket("state"))
+    entry = await kv.get(Subjects.agent_key(COUNTER))
+    assert entry.value is not None
+    record = orjson.loads(entry.value)
+    record["state"]["value"] = 1_000_000
+    await kv.put(Subjects.agent_key(COUNTER), orjson.dumps(record))
+    with pytest.raises(StateCorruptError, match="checksum"):
+        await store.get(COUNTER)
+    reply = await _request(nc, subjects, "get", orjson.dumps({"agent_type": "counter", "key": "a"}))
+    assert_error(reply, 500, "StateCorrupt")  # type: ignore[arg-type]
+    with pytest.raises(StateCorruptError):
+        await store.put(COUNTER, {"value": 2}, expected_version=1)
+    assert await store.delete(COUNTER)  # the way out: start again
+    assert (await store.put(COUNTER, {"value": 0}, expected_version=0)).version == 1
+
+
+async def test_large_state_round_trips_up_to_the_limit_and_gets_413_beyond(
+    nc: NATS, subjects: Subjects, store: StateClient
+) -> None:
+    big = {"blob": "x" * 900_000}
+    await store.put(COUNTER, big)
+    assert (await store.get(COUNTER)).state == big
+    with pytest.raises(PayloadTooLargeError):
+        await store.put(COUNTER, {"blob": "x" * 1_048_576})
+    async with StateService(
+        nc, Subjects(f"{subjects.prefix}s"), StateConfig(max_state_bytes=10_000)
+    ):
+        small = StateClient(nc, Subjects(f"{subjects.prefix}s"))
+        with pytest.raises(PayloadTooLargeError, match="over the limit of 10000"):
+            await small.put(COUNTER, {"blob": "x" * 20_000})
+        reply = await nc.request(
+            Subjects(f"{subjects.prefix}s").service("state", "put"),
+            orjson.dumps({"agent_type": "counter", "key": "a", "state": {"b": "x" * 20_000}}),
+            timeout=5,
+        )
+        assert_error(reply, 413, "PayloadTooLarge")
+    assert (await store.get(COUNTER)).state == big  # nothing else changed
+
+
+async def test_delete_respects_the_expected_version(store: StateClient) -> None:
+    assert not await store.delete(COUNTER)
+    await store.put(COUNTER, {"value": 1})
+    with pytest.raises(ConflictError):
+        await store.delete(COUNTER, expected_version=5)
+    assert await store.delete(COUNTER, expected_version=1)
+    with pytest.raises(StateNotFoundError):
+        await store.get(COUNTER)
+    assert await store.history(COUNTER) == []
+    assert (await store.put(COUNTER, {"value": 9}, expected_version=0)).version == 1
+
+
+async def test_history_keeps_the_configured_number_of_versions(
+    nc: NATS, subjects: Subjects
+) -> None:
+    async with StateService(nc, subjects, StateConfig(history=3)):
+        store = StateClient(nc, subjects)
+        for n in range(6):
+            await store.put(COUNTER, {"value": n})
+        assert [v.version for v in await store.history(COUNTER)] == [4, 5, 6]
+        with pytest.raises(StateNotFoundError):
+            await store.get(COUNTER, version=2)
+
+
+@pytest.mark.parametrize(
+    ("op", "body", "code", "error_type"),
+    [
+        ("get", b"{not json", 400, "InvalidPayload"),
+        ("get", b'{"agent_type": "bad type!", "key": "a"}', 400, "InvalidId"),
+        ("get", b'{"agent_type": "counter", "key": "a", "version": 0}', 400, "InvalidPayload"),
+        ("put", b'{"agent_type": "counter", "key": "a", "state": [1, 2]}', 400, "InvalidPayload"),
+        ("put", b'{"agent_type": "counter", "key": "a", "state": {}, "policy": "x"}', 400, None),
+        (
+            "put",
+            b'{"agent_type": "counter", "key": "a", "state": {}, "expected_version": -1}',
+            400,
+            None,
+        ),
+        ("put", b'{"agent_type": "counter", "key": "\\u0007", "state": {}}', 400, "InvalidId"),
+        ("history", b"\xff\xfe", 400, None),
+        ("delete", b'{"agent_type": "counter"}', 400, "InvalidPayload"),
+        ("get", b'{"agent_type": "counter", "key": "none"}', 404, "StateNotFound"),
+    ],
+)
+async def test_bad_requests_get_the_protocols_codes(
+    nc: NATS,
+    subjects: Subjects,
+    service: StateService,
+    op: str,
+    body: bytes,
+    code: int,
+    error_type: str | None,
+) -> None:
+    reply = await _request(nc, subjects, op, body)
+    assert_error(reply, code, error_type)  # type: ignore[arg-type]
+
+
+async def test_a_409_reply_carries_the_current_version(
+    nc: NATS, subjects: Subjects, store: StateClient
+) -> None:
+    await store.put(COUNTER, {"value": 1})
+    reply = await _request(
+        nc,
+        subjects,
+        "put",
+        orjson.dumps({"agent_type": "counter", "key": "a", "state": {}, "expected_version": 0}),
+    )
+    error = assert_error(reply, 409, "StateConflict")  # type: ignore[arg-type]
+    assert error["current_version"] == 1
