@@ -17,6 +17,7 @@ from mesh.agent import Agent
 from mesh.ids import AgentId
 
 if TYPE_CHECKING:
+    from mesh._persistence import StateKeeper
     from mesh.client import MeshClient
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,10 @@ class ActivationTable:
         client: Given to agents so that they can send to other agents.
         on_deactivated: Awaited after an agent's ``on_deactivate``, before a new
             instance of it may start (the worker releases its placement there).
+        keeper: Loads saved state into new instances of persistent agent types and
+            saves it after each message. A message whose changes could not be saved
+            (or whose handler failed after changing the state) retires the instance,
+            so the next message starts from what is saved.
     """
 
     def __init__(
@@ -62,10 +67,13 @@ class ActivationTable:
         agent_classes: dict[str, type[Agent]],
         client: MeshClient | None = None,
         on_deactivated: Callable[[AgentId], Awaitable[None]] | None = None,
+        keeper: StateKeeper | None = None,
     ) -> None:
         self._classes = agent_classes
         self._client = client
         self._on_deactivated = on_deactivated
+        self._keeper = keeper
+        self._retiring: set[asyncio.Task[bool]] = set()
         self._active: dict[AgentId, Activation] = {}
         self._creating: dict[AgentId, asyncio.Future[Activation]] = {}
         self._deactivating: dict[AgentId, asyncio.Future[None]] = {}
@@ -100,6 +108,9 @@ class ActivationTable:
         self._creating[agent_id] = future
         try:
             agent = self._classes[agent_id.type].create(agent_id, self._client)
+            if self._keeper is not None and agent.persistent():
+                agent._keeper = self._keeper
+                await self._keeper.load(agent)
             await agent.on_activate()
             activation = Activation(agent)
             self._active[agent_id] = activation
@@ -126,10 +137,32 @@ class ActivationTable:
                     if activation.retired:
                         continue  # deactivated while this message waited: use the next one
                     activation.last_used = time.monotonic()
-                    return await work(activation.agent)
+                    return await self._run_saving(activation.agent, work)
             finally:
                 activation.pending -= 1
                 activation.last_used = time.monotonic()
+
+    async def _run_saving(self, agent: Agent, work: Callable[[Agent], Awaitable[T]]) -> T:
+        """Run one message; save the state it changed (for persistent types)."""
+        keeper = agent._keeper
+        if keeper is None:
+            return await work(agent)
+        try:
+            result = await work(agent)
+            if agent.autosave:
+                await keeper.save(agent)
+        except BaseException:
+            # Changes that are not saved must not leak into the next message.
+            if keeper.overtaken(agent) or (agent.autosave and await keeper.unsaved(agent)):
+                self._retire_later(agent.id)
+            raise
+        return result
+
+    def _retire_later(self, agent_id: AgentId) -> None:
+        """Deactivate the agent once the message running now is done."""
+        task = asyncio.create_task(self.deactivate(agent_id))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     async def deactivate(self, agent_id: AgentId, *, idle_since: float | None = None) -> bool:
         """Deactivate one agent once its current message is done.
@@ -179,3 +212,5 @@ class ActivationTable:
     async def deactivate_all(self) -> None:
         for agent_id in list(self._active):
             await self.deactivate(agent_id)
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)

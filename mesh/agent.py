@@ -15,6 +15,19 @@ Example::
 
 A worker creates one instance per `AgentId` the first time a message reaches it and
 hands it one message at a time; different ids run concurrently.
+
+State that outlives the instance (a restart, a move to another worker) is declared as
+a pydantic model; the worker loads it before the first message and saves it through
+the state service after each handler that changed it::
+
+    class Tally(BaseModel):
+        count: int = 0
+
+    class Counter(Agent, agent_type="counter", state=Tally):
+        @handler
+        async def add(self, message: Add, ctx: MessageContext) -> Tally:
+            self.state.count += message.by
+            return self.state
 """
 
 from __future__ import annotations
@@ -29,9 +42,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from pydantic import BaseModel
 
 from mesh._balancing import STRATEGIES
+from mesh._conflicts import CONFLICT_POLICIES, ConflictPolicy
 from mesh.ids import AgentId, TopicId, validate_agent_type
 
 if TYPE_CHECKING:
+    from mesh._persistence import StateKeeper
     from mesh.client import MeshClient
 
 A = TypeVar("A", bound="Agent")
@@ -126,8 +141,15 @@ class Agent:
     (no mailbox). Pass ``strategy="least_connections"`` (or another of
     `mesh._balancing.STRATEGIES`) to choose how new activations are placed.
 
+    Saved state: pass ``state=Model`` (a pydantic model whose fields all have
+    defaults) and use ``self.state``; or override `save_state` and `load_state`, as in
+    AutoGen. ``conflict_policy`` (``reject``, ``last_write_wins``, ``merge``) says what
+    a save does when another writer saved first; ``autosave=False`` saves only when the
+    agent calls `persist`.
+
     Attributes:
         id: This instance's `AgentId`.
+        state: The instance of the declared state model, when there is one.
     """
 
     agent_type: ClassVar[str]
@@ -135,6 +157,10 @@ class Agent:
     strategy: ClassVar[str | None] = None
     description: ClassVar[str] = ""
     handlers: ClassVar[dict[str, HandlerSpec]] = {}
+    state_model: ClassVar[type[BaseModel] | None] = None
+    conflict_policy: ClassVar[ConflictPolicy] = "reject"
+    autosave: ClassVar[bool] = True
+    state: Any
 
     def __init_subclass__(
         cls,
@@ -142,6 +168,9 @@ class Agent:
         agent_type: str | None = None,
         stateless: bool | None = None,
         strategy: str | None = None,
+        state: type[BaseModel] | None = None,
+        conflict_policy: ConflictPolicy | None = None,
+        autosave: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
@@ -149,6 +178,21 @@ class Agent:
             cls.agent_type = validate_agent_type(agent_type)
         if stateless is not None:
             cls.stateless = stateless
+        if state is not None:
+            cls.state_model = _checked_state_model(cls, state)
+        if conflict_policy is not None:
+            if conflict_policy not in CONFLICT_POLICIES:
+                raise AgentDefinitionError(
+                    f"{cls.__name__}: unknown conflict policy {conflict_policy!r};"
+                    f" use one of {CONFLICT_POLICIES}"
+                )
+            cls.conflict_policy = conflict_policy
+        if autosave is not None:
+            cls.autosave = autosave
+        if cls.stateless and cls.persistent():
+            raise AgentDefinitionError(
+                f"{cls.__name__}: a stateless agent type cannot keep saved state"
+            )
         if strategy is not None:
             if strategy not in STRATEGIES:
                 raise AgentDefinitionError(
@@ -179,6 +223,42 @@ class Agent:
             )
         self.id: AgentId = bound[0]
         self._client = bound[1]
+        self._keeper: StateKeeper | None = None
+        #: The saved version this instance holds, and the JSON it was saved as.
+        self._saved_as: tuple[int, bytes] = (0, b"")
+        if self.state_model is not None:
+            self.state = self.state_model()
+
+    @classmethod
+    def persistent(cls) -> bool:
+        """Whether the worker loads and saves this type's state."""
+        return cls.state_model is not None or cls.save_state is not Agent.save_state
+
+    async def save_state(self) -> Mapping[str, Any] | None:
+        """The state to save, as a JSON object; ``None`` saves nothing.
+
+        By default the declared state model's fields. Override it (with `load_state`)
+        to keep state some other way.
+        """
+        if self.state_model is None:
+            return None
+        state: BaseModel = self.state
+        return state.model_dump(mode="json")
+
+    async def load_state(self, state: Mapping[str, Any]) -> None:
+        """Take on saved `state` (what `save_state` returned once)."""
+        if self.state_model is not None:
+            self.state = self.state_model.model_validate(state)
+
+    async def persist(self) -> None:
+        """Save the state now, rather than after the handler (or with ``autosave=False``).
+
+        Raises:
+            ConflictError: Another writer saved a newer version first (409).
+        """
+        if self._keeper is None:
+            raise AgentDefinitionError(f"{self.id} is not hosted with a state service")
+        await self._keeper.save(self)
 
     @classmethod
     def create(cls: type[A], agent_id: AgentId, client: MeshClient | None = None) -> A:
@@ -225,6 +305,19 @@ class Agent:
         return await self._client.call(
             target, message, response_type=response_type, timeout=timeout, sender=self.id
         )
+
+
+def _checked_state_model(cls: type, model: type[BaseModel]) -> type[BaseModel]:
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise AgentDefinitionError(f"{cls.__name__}: state must be a pydantic model class")
+    try:
+        model()
+    except Exception as exc:
+        raise AgentDefinitionError(
+            f"{cls.__name__}: every field of state model {model.__name__} needs a default"
+            f" (a new agent starts from it): {exc}"
+        ) from None
+    return model
 
 
 def agent_types_of(agents: list[type[Agent]]) -> dict[str, type[Agent]]:

@@ -21,7 +21,14 @@ from mesh._control import control_request
 from mesh.agent import Agent
 from mesh.client import MeshClient
 from mesh.codec import JSON_CODEC, MSGPACK_CODEC
-from mesh.config import ConnectConfig, EventsConfig, GatewayConfig, RegistryConfig, WorkerConfig
+from mesh.config import (
+    ConnectConfig,
+    EventsConfig,
+    GatewayConfig,
+    RegistryConfig,
+    StateConfig,
+    WorkerConfig,
+)
 from mesh.errors import BadRequestError, MeshError
 from mesh.ids import AgentId, TopicId
 from mesh.server import NatsServer
@@ -29,7 +36,7 @@ from mesh.subjects import Subjects
 
 logger = logging.getLogger("mesh")
 
-SERVICES = ("registry", "gateway", "router")
+SERVICES = ("registry", "state", "gateway", "router")
 
 
 def run(coro: Coroutine[Any, Any, int]) -> int:
@@ -87,20 +94,23 @@ async def running_services(
     from mesh.handlers.gateway import Gateway
     from mesh.handlers.registry import Registry
     from mesh.handlers.router import Router
+    from mesh.handlers.state import StateService
 
     unknown = sorted(set(names) - set(SERVICES))
     if unknown:
         raise BadRequestError(f"unknown services {unknown}; choose from {list(SERVICES)}")
     nc = await connect(connect_config, name=f"{subjects.prefix}-services")
-    started: list[Registry | Gateway | Router] = []
+    started: list[Registry | StateService | Gateway | Router] = []
     try:
         registry_config = RegistryConfig.from_env()
         for name in SERVICES:  # registry first: gateways and workers need it
             if name not in names:
                 continue
-            service: Registry | Gateway | Router
+            service: Registry | StateService | Gateway | Router
             if name == "registry":
                 service = Registry(nc, subjects, registry_config)
+            elif name == "state":
+                service = StateService(nc, subjects, StateConfig.from_env())
             elif name == "gateway":
                 service = Gateway(nc, subjects, GatewayConfig.from_env(), registry_config)
             else:

@@ -21,7 +21,7 @@ from rich.console import Console
 from mesh._connect import connect
 from mesh._control import control_request
 from mesh._tables import fetch_workers, workers_table
-from mesh.cli import running_services
+from mesh.cli import SERVICES, running_services
 from mesh.client import MeshClient
 from mesh.config import ConnectConfig
 from mesh.errors import MeshError
@@ -328,10 +328,10 @@ async def run_demo(data_dir: str | None = None) -> int:
         console.print(f"NATS with JetStream is listening on {server.url}")
         console.print(f"worker logs go to {logs}")
         connect_config = ConnectConfig(url=server.url)
-        async with running_services(connect_config, ("registry", "gateway", "router"), subjects):
+        async with running_services(connect_config, SERVICES, subjects):
             console.print(
-                "registry, gateway and router are serving"
-                " (micro services mesh-registry, mesh-gateway, mesh-router)"
+                "registry, state, gateway and router are serving (micro services"
+                " mesh-registry, mesh-state, mesh-gateway, mesh-router)"
             )
             for worker_id in ("worker-a", "worker-b"):
                 workers[worker_id] = WorkerProcess(

@@ -31,6 +31,7 @@ from mesh._activations import ActivationTable
 from mesh._control import control_request, model_reply, read_request
 from mesh._lifecycle import Lifecycle
 from mesh._micro import MicroService, Reply
+from mesh._persistence import StateKeeper
 from mesh._placement import PlacementTable
 from mesh._wire import (
     CONTENT_TYPE,
@@ -73,6 +74,7 @@ from mesh.records import (
     WorkerRecord,
     WorkerStatus,
 )
+from mesh.state import StateClient
 from mesh.subjects import Subjects, validate_worker_id
 from mesh.subscriptions import Subscription, declared_subscriptions
 
@@ -143,10 +145,14 @@ class Worker(Lifecycle):
         self._classes = agent_types_of(list(agents))
         self.id = validate_worker_id(self._config.worker_id or new_worker_id())
         self._placements = PlacementTable(nc.jetstream(), self._subjects, watch=False)
+        keeper = None
+        if any(cls.persistent() for cls in self._classes.values()):
+            keeper = StateKeeper(StateClient(nc, self._subjects), writer=self.id)
         self._activations = ActivationTable(
             self._classes,
             MeshClient(nc, subjects=self._subjects),
             on_deactivated=self._release_placement,
+            keeper=keeper,
         )
         self._service = MicroService(
             nc,

@@ -284,3 +284,59 @@ class SlowLedger(_Recording, agent_type="slow-ledger"):
     async def on_order(self, message: OrderEvent, ctx: MessageContext) -> None:
         await asyncio.sleep(0.3)
         await self.record(message, ctx)
+
+
+class Notes(BaseModel):
+    lines: list[str] = Field(default_factory=list)
+
+
+class Jot(BaseModel):
+    line: str
+    fail_after: bool = False
+
+
+class Read(BaseModel):
+    pass
+
+
+class Notebook(Agent, agent_type="notebook", state=Notes):
+    """Saved state as a model: each line is saved before the reply."""
+
+    state: Notes
+
+    @handler
+    async def jot(self, message: Jot, ctx: MessageContext) -> Notes:
+        self.state.lines.append(message.line)
+        if message.fail_after:
+            raise ValueError("changed my mind")
+        return self.state
+
+    @handler
+    async def read(self, message: Read, ctx: MessageContext) -> Notes:
+        return self.state
+
+
+class Journal(Agent, agent_type="journal", autosave=False, conflict_policy="merge"):
+    """AutoGen-style hooks, saved only when it says so."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries: dict[str, str] = {}
+
+    async def save_state(self) -> dict[str, object]:
+        return {"entries": dict(self.entries)}
+
+    async def load_state(self, state: object) -> None:
+        assert isinstance(state, dict)
+        self.entries = dict(state["entries"])
+
+    @handler
+    async def jot(self, message: Jot, ctx: MessageContext) -> Notes:
+        self.entries[str(len(self.entries))] = message.line
+        if not message.fail_after:  # here: "keep it unsaved for now"
+            await self.persist()
+        return Notes(lines=list(self.entries.values()))
+
+    @handler
+    async def read(self, message: Read, ctx: MessageContext) -> Notes:
+        return Notes(lines=list(self.entries.values()))

@@ -14,9 +14,10 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
-from mesh.config import ConnectConfig, GatewayConfig, RegistryConfig
+from mesh.config import ConnectConfig, GatewayConfig, RegistryConfig, StateConfig
 from mesh.handlers.gateway import Gateway
 from mesh.handlers.registry import Registry
+from mesh.handlers.state import StateService
 from mesh.server import NatsServer
 from mesh.subjects import Subjects
 from mesh.testing import WorkerProcess
@@ -55,7 +56,15 @@ async def registry(nc: NATS, subjects: Subjects) -> AsyncIterator[Registry]:
 
 
 @pytest.fixture
-async def gateway(nc: NATS, subjects: Subjects, registry: Registry) -> AsyncIterator[Gateway]:
+async def state_service(nc: NATS, subjects: Subjects) -> AsyncIterator[StateService]:
+    async with StateService(nc, subjects, StateConfig(history=8)) as service:
+        yield service
+
+
+@pytest.fixture
+async def gateway(
+    nc: NATS, subjects: Subjects, registry: Registry, state_service: StateService
+) -> AsyncIterator[Gateway]:
     config = GatewayConfig(default_timeout=10.0, max_payload=64 * 1024)
     async with Gateway(nc, subjects, config) as service:
         yield service

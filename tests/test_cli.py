@@ -126,7 +126,7 @@ async def test_example_worker_module_runs_and_stops_on_sigterm(
 async def test_serve_runs_services_in_their_own_process(
     nats_url: str, nc: NATS, subjects: Subjects, spawn_worker: type
 ) -> None:
-    services = await _start("mesh.cli", nats_url, subjects, "serve", "registry", "gateway")
+    services = await _start("mesh.cli", nats_url, subjects, "serve", "registry", "state", "gateway")
     try:
         spawn_worker("workers.counter:Counter", worker_id="served")
         client = MeshClient(nc, subjects=subjects)

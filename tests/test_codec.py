@@ -220,7 +220,7 @@ ERRORS_WITH_CODES = [
     pytest.param(BadRequestError, 400, "BadRequest", id="bad-request"),
     pytest.param(UnauthorizedError, 401, "Unauthorized", id="unauthorized"),
     pytest.param(ForbiddenError, 403, "Forbidden", id="forbidden"),
-    pytest.param(ConflictError, 409, "Conflict", id="conflict"),
+    pytest.param(ConflictError, 409, "StateConflict", id="conflict"),
     pytest.param(PayloadTooLargeError, 413, "PayloadTooLarge", id="payload-too-large"),
     pytest.param(RateLimitedError, 429, "RateLimited", id="rate-limited"),
 ]

@@ -60,7 +60,7 @@ async def test_different_agents_run_concurrently(
     assert worker.activations == len(keys)
 
 
-async def test_deactivated_agent_comes_back_fresh_on_its_next_message(
+async def test_deactivated_agent_comes_back_on_its_next_message_from_its_saved_state(
     nc: NATS, subjects: Subjects, worker: Worker
 ) -> None:
     client = MeshClient(nc, subjects=subjects)
@@ -70,7 +70,9 @@ async def test_deactivated_agent_comes_back_fresh_on_its_next_message(
     ctl = subjects.worker_ctl("mailbox", "deactivate")
     reply = await nc.request(ctl, b'{"type": "counter", "key": "amnesiac"}', timeout=2)
     assert orjson.loads(reply.data) == {"deactivated": True}
-    assert (await client.call(target, {}, message_type="GetCount"))["value"] == 0
+    assert worker.activations == 0
+    assert (await client.call(target, {}, message_type="GetCount"))["value"] == 3
+    assert worker.activations == 1  # a new instance, loaded from the state service
 
     reply = await nc.request(ctl, b'{"type": "counter", "key": "never-seen"}', timeout=2)
     assert orjson.loads(reply.data) == {"deactivated": False}

@@ -26,6 +26,7 @@ from mesh.codec import MSGPACK_CODEC
 from mesh.config import GatewayConfig, RegistryConfig
 from mesh.handlers.gateway import Gateway
 from mesh.handlers.registry import Registry
+from mesh.handlers.state import StateService
 from mesh.subjects import Subjects
 from mesh.testing import WorkerProcess, eventually
 from tests.agents import Woke
@@ -77,6 +78,7 @@ async def mesh(nats_url: str) -> AsyncIterator[Mesh]:
     try:
         async with (
             Registry(nc, subjects, RegistryConfig()),
+            StateService(nc, subjects),
             Gateway(nc, subjects, GatewayConfig(default_timeout=10, max_payload=MAX_PAYLOAD)) as gw,
         ):
             await eventually(lambda: gw.directory.live_workers("echo"), timeout=15)

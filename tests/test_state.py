@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import orjson
 import pytest
@@ -26,9 +25,8 @@ COUNTER = AgentId("counter", "a")
 
 
 @pytest.fixture
-async def service(nc: NATS, subjects: Subjects) -> AsyncIterator[StateService]:
-    async with StateService(nc, subjects, StateConfig(history=8)) as svc:
-        yield svc
+def service(state_service: StateService) -> StateService:
+    return state_service
 
 
 @pytest.fixture

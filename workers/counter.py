@@ -1,7 +1,9 @@
-"""A keyed counter: one count per agent key, kept in the agent's memory.
+"""A keyed counter: one count per agent key, saved through the state service.
 
 ``counter/alice`` and ``counter/bob`` are different agents with their own counts.
-Each counts one message at a time, so concurrent increments never get lost.
+Each counts one message at a time, so concurrent increments never get lost; each
+count is saved before the increment is answered, so it survives the worker (SIGKILL
+included): the next activation, on whichever worker, continues from it.
 Run it with ``python -m workers.counter`` or ``mesh worker workers.counter:Counter``.
 """
 
@@ -28,27 +30,29 @@ class Count(BaseModel):
     worker: str
 
 
+class Tally(BaseModel):
+    value: int = 0
+
+
 class CounterOverflowError(Exception):
     """The count would pass the limit."""
 
 
-class Counter(Agent, agent_type="counter"):
+class Counter(Agent, agent_type="counter", state=Tally):
     """Counts increments, per key."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.value = 0
+    state: Tally
 
     @handler
     async def increment(self, message: Increment, ctx: MessageContext) -> Count:
-        if self.value + message.by > LIMIT:
+        if self.state.value + message.by > LIMIT:
             raise CounterOverflowError(f"counter {self.id.key} would pass {LIMIT}")
-        self.value += message.by
-        return Count(key=self.id.key, value=self.value, worker=ctx.worker_id)
+        self.state.value += message.by
+        return Count(key=self.id.key, value=self.state.value, worker=ctx.worker_id)
 
     @handler
     async def get(self, message: GetCount, ctx: MessageContext) -> Count:
-        return Count(key=self.id.key, value=self.value, worker=ctx.worker_id)
+        return Count(key=self.id.key, value=self.state.value, worker=ctx.worker_id)
 
 
 if __name__ == "__main__":
