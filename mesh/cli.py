@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from mesh._conflicts import CONFLICT_POLICIES
 from mesh._connect import connect
 from mesh._control import control_request
 from mesh.agent import Agent
@@ -295,6 +296,43 @@ async def cmd_routes(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_state(args: argparse.Namespace) -> int:
+    from mesh.state import StateClient
+
+    agent_id = AgentId.parse(args.agent)
+    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
+    nc = await connect(connect_config, name="mesh-cli", reconnect=False)
+    try:
+        store = StateClient(nc, Subjects(args.prefix))
+        if args.action == "get":
+            record = await store.get(agent_id, version=args.version)
+            print(record.model_dump_json(indent=2))
+        elif args.action == "history":
+            for v in await store.history(agent_id):
+                print(f"v{v.version:<5} {v.updated_at.isoformat()}  {v.checksum}  {v.writer or ''}")
+        elif args.action == "put":
+            try:
+                state = orjson.loads(args.state)
+            except orjson.JSONDecodeError as exc:
+                raise BadRequestError(f"the state is not JSON: {exc}") from exc
+            if not isinstance(state, dict):
+                raise BadRequestError("the state must be a JSON object")
+            saved = await store.put(
+                agent_id,
+                state,
+                expected_version=args.expected_version,
+                policy=args.policy,
+                writer="mesh-cli",
+            )
+            print(f"saved {agent_id} as version {saved.version}" + (" (merged)" * saved.merged))
+        else:
+            deleted = await store.delete(agent_id, expected_version=args.expected_version)
+            print(f"deleted the state of {agent_id}" if deleted else f"{agent_id} had no state")
+    finally:
+        await close_connection(nc)
+    return 0
+
+
 async def cmd_workers(args: argparse.Namespace) -> int:
     from mesh._tables import fetch_types, fetch_workers, print_types, print_workers
 
@@ -396,6 +434,19 @@ def build_parser() -> argparse.ArgumentParser:
     routes.add_argument("arg", nargs="?", default="", metavar="FILE|ID|TEXT")
     routes.add_argument("--sender", help="type/key of the sending agent, for route")
 
+    state = commands.add_parser(
+        "state", help="saved agent state: get | history | put | delete TYPE/KEY"
+    )
+    state.add_argument("action", choices=("get", "history", "put", "delete"))
+    state.add_argument("agent", metavar="TYPE/KEY")
+    state.add_argument("state", nargs="?", default="", metavar="JSON", help="for put")
+    state.add_argument("--version", type=int, help="for get: an older version")
+    state.add_argument(
+        "--expected-version", type=int, help="for put and delete: only over this version"
+    )
+    state.add_argument(
+        "--policy", choices=CONFLICT_POLICIES, default="reject", help="for put: on conflict"
+    )
     commands.add_parser("workers", help="list live workers")
     commands.add_parser("agents", help="list agent types and their workers")
 
@@ -419,6 +470,7 @@ COMMANDS = {
     "publish": cmd_publish,
     "routes": cmd_routes,
     "subscriptions": cmd_subscriptions,
+    "state": cmd_state,
     "workers": cmd_workers,
     "agents": cmd_workers,
     "demo": cmd_demo,

@@ -194,9 +194,10 @@ async def _tour(tour: _Tour, workers: dict[str, WorkerProcess]) -> None:
     tour.expect(bool(ids), f"the registry now lists only {staying}")
     moved = await tour.call("counter/alice", {}, "GetCount")
     tour.expect(moved["worker"] == staying, f"counter/alice now lives on {staying}")
-    console.print(
-        "  (its in-memory count started over: durable agent state is the state service's job)",
-        style="dim",
+    tour.expect(
+        moved["value"] == 21,
+        "and it still counts 21: each count was saved through the state service"
+        " (nats kv get mesh-state counter.alice), and the new activation loaded it",
     )
 
     tour.step(

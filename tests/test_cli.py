@@ -15,6 +15,7 @@ from nats.aio.client import Client as NATS
 
 from mesh import AgentId, AgentTypeNotFoundError, MeshClient
 from mesh.handlers.gateway import Gateway
+from mesh.handlers.state import StateService
 from mesh.subjects import Subjects
 from mesh.testing import eventually
 from tests.conftest import REPO
@@ -217,3 +218,28 @@ async def test_publish_subscriptions_and_routes_commands(
         bad = REPO / "pyproject.toml"
         code, _, err = await _mesh(nats_url, subjects, "routes", "load", str(bad))
         assert (code, err.split(":")[0]) == (1, "error 400 BadRequest")
+
+
+async def test_state_commands_put_get_history_and_delete(
+    nats_url: str, subjects: Subjects, state_service: StateService
+) -> None:
+    code, out, _ = await _mesh(nats_url, subjects, "state", "put", "counter/x", '{"value": 1}')
+    assert (code, out.strip()) == (0, "saved counter/x as version 1")
+    await _mesh(nats_url, subjects, "state", "put", "counter/x", '{"value": 2}')
+    code, out, err = await _mesh(
+        nats_url, subjects, "state", "put", "counter/x", '{"value": 9}', "--expected-version", "1"
+    )
+    assert code == 1 and err.startswith("error 409 StateConflict:")
+    code, out, _ = await _mesh(nats_url, subjects, "state", "get", "counter/x")
+    record = orjson.loads(out)
+    assert (code, record["version"], record["state"]) == (0, 2, {"value": 2})
+    code, out, _ = await _mesh(nats_url, subjects, "state", "get", "counter/x", "--version", "1")
+    assert orjson.loads(out)["state"] == {"value": 1}
+    code, out, _ = await _mesh(nats_url, subjects, "state", "history", "counter/x")
+    assert [line.split()[0] for line in out.splitlines()] == ["v1", "v2"]
+    code, out, err = await _mesh(nats_url, subjects, "state", "put", "counter/x", "[1]")
+    assert code == 1 and err.startswith("error 400 BadRequest:")
+    code, out, _ = await _mesh(nats_url, subjects, "state", "delete", "counter/x")
+    assert out.strip() == "deleted the state of counter/x"
+    code, out, err = await _mesh(nats_url, subjects, "state", "get", "counter/x")
+    assert code == 1 and err.startswith("error 404 StateNotFound:")
