@@ -106,17 +106,30 @@ ChangeCallback = Callable[[str, MirroredEntry | None], None]
 class KvMirror:
     """A local copy of (part of) a bucket, kept fresh by one long-lived KV watch.
 
+    With ``values=False`` it keeps no copy and only reports which keys change from now
+    on (a headers-only watch): what a near cache needs to drop what it holds.
+
     Args:
         kv: The bucket.
         keys: The watch filter (``>`` for every key).
         on_change: Called with ``(key, entry)`` on every put, ``(key, None)`` on delete,
-            purge or TTL expiry.
+            purge or TTL expiry; with ``values=False``, on any change with an entry
+            whose value is empty and whose revision is the change's.
+        values: Mirror the values (else only report changes).
     """
 
-    def __init__(self, kv: KeyValue, keys: str = ">", on_change: ChangeCallback | None = None):
+    def __init__(
+        self,
+        kv: KeyValue,
+        keys: str = ">",
+        on_change: ChangeCallback | None = None,
+        *,
+        values: bool = True,
+    ):
         self._kv = kv
         self._keys = keys
         self._on_change = on_change
+        self._values = values
         self.entries: dict[str, MirroredEntry] = {}
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -144,7 +157,7 @@ class KvMirror:
 
     async def _watch(self, timeout: float) -> None:
         self.ready.clear()
-        self._watcher = await self._kv.watch(self._keys)
+        self._watcher = await self._kv.watch(self._keys, meta_only=not self._values)
         self._task = asyncio.create_task(self._follow(self._watcher), name=f"kv-watch:{self._keys}")
         self._task.add_done_callback(self._ended)
         async with asyncio.timeout(timeout):
@@ -159,6 +172,10 @@ class KvMirror:
             if entry is None:  # the current values are all in
                 self._forget_vanished()
                 self.ready.set()
+                continue
+            if not self._values:
+                if self.ready.is_set():  # a change, not one of the values found at start
+                    self._notify(entry.key, MirroredEntry(entry.key, b"", int(entry.revision or 0)))
                 continue
             if self._reloaded is not None:
                 self._reloaded.add(entry.key)

@@ -229,6 +229,10 @@ class Subjects:
     def placement_bucket(self) -> str:
         return self.bucket("placement")
 
+    @property
+    def cache_bucket(self) -> str:
+        return self.bucket("cache")
+
     @staticmethod
     def kv_subject(bucket: str, key: str) -> str:
         """The JetStream subject a KV key is stored under (``$KV.<bucket>.<key>``)."""
@@ -263,6 +267,32 @@ class Subjects:
     def agent_key(agent_id: AgentId) -> str:
         """Key of one agent in per-agent buckets (``mesh-placement``, ``mesh-state``)."""
         return f"{escape_token(agent_id.type)}.{escape_token(agent_id.key)}"
+
+    @staticmethod
+    def cache_key(namespace: str, key: str) -> str:
+        """Key of a cache entry in ``mesh-cache``: ``<namespace>.<key segments>``.
+
+        The cache key's dots separate segments (each escaped), so that patterns can
+        select by segment.
+        """
+        return ".".join(
+            [escape_token(validate_key(namespace, what="cache namespace"))]
+            + [escape_token(validate_key(s, what="cache key segment")) for s in key.split(".")]
+        )
+
+    @staticmethod
+    def cache_pattern(namespace: str, pattern: str) -> str:
+        """A filter over a namespace's keys: segments, ``*`` for one, ``>`` for the rest."""
+        segments = pattern.split(".")
+        if ">" in segments[:-1]:
+            raise InvalidIdError(f"'>' may only end a cache pattern, not {pattern!r}")
+        return ".".join(
+            [escape_token(validate_key(namespace, what="cache namespace"))]
+            + [
+                s if s in ("*", ">") else escape_token(validate_key(s, what="cache key segment"))
+                for s in segments
+            ]
+        )
 
     @staticmethod
     def parse_agent_key(key: str) -> AgentId:
