@@ -12,8 +12,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from mesh._conflicts import canonical_json
-from mesh.errors import ConflictError, MeshError, StateNotFoundError
-from mesh.state import StateClient
+from mesh.errors import ConflictError, MeshError, NoWorkerAvailableError, StateNotFoundError
+from mesh.state import StateAccess
 
 if TYPE_CHECKING:
     from mesh.agent import Agent
@@ -28,11 +28,11 @@ class StateKeeper:
     """Loads and saves agents' state through the state service.
 
     Args:
-        store: The state service's client.
+        store: Where state is kept: KV directly (workers) or the state service.
         writer: Recorded with each version (the worker id).
     """
 
-    def __init__(self, store: StateClient, writer: str) -> None:
+    def __init__(self, store: StateAccess, writer: str) -> None:
         self._store = store
         self._writer = writer
 
@@ -51,6 +51,8 @@ class StateKeeper:
             return
         except MeshError as exc:
             raise type(exc)(f"loading the state of {agent.id} failed: {exc.message}") from None
+        except Exception as exc:  # NATS itself: a timeout, JetStream unavailable
+            raise NoWorkerAvailableError(f"loading the state of {agent.id} failed: {exc}") from None
         await agent.load_state(record.state)
         agent._saved_as = (record.version, canonical_json(record.state))
 
@@ -86,8 +88,10 @@ class StateKeeper:
                 current_version=exc.current_version,
             ) from None
         except MeshError as exc:
-            # Raised as this worker's error with the service's code, not as the handler's.
+            # Raised as this worker's error with the store's code, not as the handler's.
             raise type(exc)(f"saving the state of {agent.id} failed: {exc.message}") from None
+        except Exception as exc:  # NATS itself: a timeout, JetStream unavailable
+            raise NoWorkerAvailableError(f"saving the state of {agent.id} failed: {exc}") from None
         if reply.merged and reply.state is not None:
             await agent.load_state(reply.state)
             data = canonical_json(reply.state)

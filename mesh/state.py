@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel, Field
@@ -99,6 +99,23 @@ class StateDeleteRequest(BaseModel):
 
 class StateDeleteReply(BaseModel):
     deleted: bool
+
+
+class StateAccess(Protocol):
+    """What loading and saving agents' state needs: `StateClient` (through the state
+    service) and `mesh._state_store.StateStore` (KV directly) both offer it."""
+
+    async def get(self, agent_id: AgentId, version: int | None = None) -> StateRecord: ...
+
+    async def put(
+        self,
+        agent_id: AgentId,
+        state: Mapping[str, Any],
+        *,
+        expected_version: int | None = None,
+        policy: ConflictPolicy = "reject",
+        writer: str | None = None,
+    ) -> StatePutReply: ...
 
 
 class StateClient:

@@ -33,6 +33,7 @@ from mesh._lifecycle import Lifecycle
 from mesh._micro import MicroService, Reply
 from mesh._persistence import StateKeeper
 from mesh._placement import PlacementTable
+from mesh._state_store import StateStore
 from mesh._wire import (
     CONTENT_TYPE,
     MSG_TYPE,
@@ -48,7 +49,7 @@ from mesh._wire import (
 from mesh.agent import Agent, HandlerSpec, MessageContext, agent_types_of
 from mesh.client import MeshClient
 from mesh.codec import MSGPACK, decode, encode
-from mesh.config import WorkerConfig
+from mesh.config import StateConfig, WorkerConfig
 from mesh.errors import (
     AgentTypeNotFoundError,
     DeadlineExceededError,
@@ -74,7 +75,6 @@ from mesh.records import (
     WorkerRecord,
     WorkerStatus,
 )
-from mesh.state import StateClient
 from mesh.subjects import Subjects, validate_worker_id
 from mesh.subscriptions import Subscription, declared_subscriptions
 
@@ -145,9 +145,12 @@ class Worker(Lifecycle):
         self._classes = agent_types_of(list(agents))
         self.id = validate_worker_id(self._config.worker_id or new_worker_id())
         self._placements = PlacementTable(nc.jetstream(), self._subjects, watch=False)
+        # Agents' state goes to KV directly, with the state service's own code.
+        self._state_store: StateStore | None = None
         keeper = None
         if any(cls.persistent() for cls in self._classes.values()):
-            keeper = StateKeeper(StateClient(nc, self._subjects), writer=self.id)
+            self._state_store = StateStore(nc.jetstream(), self._subjects, StateConfig.from_env())
+            keeper = StateKeeper(self._state_store, writer=self.id)
         self._activations = ActivationTable(
             self._classes,
             MeshClient(nc, subjects=self._subjects),
@@ -188,6 +191,8 @@ class Worker(Lifecycle):
         if self._state != "new":
             return
         self._state = "starting"
+        if self._state_store is not None:
+            await self._state_store.start()
         await self._service.add_endpoint(
             "rpc",
             subject=self._subjects.worker_rpc_all(self.id),

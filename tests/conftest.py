@@ -62,9 +62,7 @@ async def state_service(nc: NATS, subjects: Subjects) -> AsyncIterator[StateServ
 
 
 @pytest.fixture
-async def gateway(
-    nc: NATS, subjects: Subjects, registry: Registry, state_service: StateService
-) -> AsyncIterator[Gateway]:
+async def gateway(nc: NATS, subjects: Subjects, registry: Registry) -> AsyncIterator[Gateway]:
     config = GatewayConfig(default_timeout=10.0, max_payload=64 * 1024)
     async with Gateway(nc, subjects, config) as service:
         yield service

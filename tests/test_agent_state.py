@@ -12,6 +12,7 @@ from mesh import Agent, AgentDefinitionError, AgentId, ConflictError, MeshClient
 from mesh import handler as mesh_handler
 from mesh.errors import HandlerError, StateCorruptError
 from mesh.handlers.gateway import Gateway
+from mesh.handlers.state import StateService
 from mesh.state import StateClient
 from mesh.subjects import Subjects
 from mesh.testing import eventually
@@ -20,7 +21,11 @@ AGENTS = ("tests.agents:Notebook", "tests.agents:Journal", "workers.counter:Coun
 
 
 @pytest.fixture
-async def client(nc: NATS, subjects: Subjects, gateway: Gateway, spawn_worker: type) -> MeshClient:
+async def client(
+    nc: NATS, subjects: Subjects, gateway: Gateway, state_service: StateService, spawn_worker: type
+) -> MeshClient:
+    """A worker hosting the stateful agents (which keep state in KV directly), and the
+    state service, through which these tests look at (and meddle with) that state."""
     spawn_worker(*AGENTS, worker_id="keeper")
     await eventually(lambda: gateway.directory.live_workers("notebook"), timeout=15)
     return MeshClient(nc, subjects=subjects)

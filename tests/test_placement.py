@@ -15,7 +15,6 @@ from mesh import AgentId, MeshClient, NoWorkerAvailableError, Worker, WorkerConf
 from mesh.config import GatewayConfig
 from mesh.handlers.gateway import Gateway
 from mesh.handlers.registry import Registry
-from mesh.handlers.state import StateService
 from mesh.subjects import Subjects
 from mesh.testing import eventually
 from tests import agents
@@ -37,7 +36,6 @@ async def test_two_gateways_racing_place_each_new_id_on_exactly_one_worker(
     nc: NATS,
     subjects: Subjects,
     registry: Registry,
-    state_service: StateService,
     spawn_worker: type,
 ) -> None:
     for name in ("w1", "w2", "w3"):

@@ -1,0 +1,110 @@
+"""The state part of ``mesh bench``: the state service beside raw KV, in the same run.
+
+Latency: sequential puts (each expecting the version before) and gets of one agent's
+small state, beside raw KV ``put`` and direct ``get`` of the same bytes. Throughput:
+32 writers, each updating its own agent with compare-and-set on the version it last
+wrote, beside 32 raw KV writers doing ``update(key, value, last=revision)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from nats.aio.client import Client as NATS
+
+from mesh._kv import BucketConfig, ensure_bucket
+from mesh.ids import AgentId
+from mesh.state import StateClient
+from mesh.subjects import Subjects
+
+WRITERS = 32
+STATE = {"count": 0, "note": "x" * 40}
+
+
+def _summary(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    return {
+        "p50_ms": statistics.median(samples) * 1e3,
+        "p95_ms": ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))] * 1e3,
+    }
+
+
+async def _timed(step: Callable[[int], Awaitable[object]], count: int) -> dict[str, float]:
+    for n in range(min(100, count)):  # warm up
+        await step(n)
+    samples = []
+    for n in range(count):
+        started = time.perf_counter()
+        await step(n)
+        samples.append(time.perf_counter() - started)
+    return _summary(samples)
+
+
+async def _rate(writer: Callable[[int], Awaitable[None]], total: int) -> float:
+    per_writer = total // WRITERS
+    started = time.perf_counter()
+    await asyncio.gather(*(writer(w) for w in range(WRITERS)))
+    return per_writer * WRITERS / (time.perf_counter() - started)
+
+
+async def measure_state(nc: NATS, subjects: Subjects, count: int) -> dict[str, Any]:
+    """Figures for the state service and raw KV; `count` operations per measurement."""
+    js = nc.jetstream()
+    raw = await ensure_bucket(js, BucketConfig(name=f"{subjects.prefix}-bench-raw"))
+    store = StateClient(nc, subjects)
+    value = orjson.dumps(STATE)
+    results: dict[str, Any] = {}
+
+    results["raw_kv_put"] = await _timed(lambda n: raw.put("lat", value), count)
+    results["raw_kv_get"] = await _timed(lambda n: raw.get("lat"), count)
+
+    latency_agent = AgentId("bench-state", "latency")
+    version = (await store.put(latency_agent, STATE)).version
+
+    async def state_put(n: int) -> None:
+        nonlocal version
+        version = (await store.put(latency_agent, STATE, expected_version=version)).version
+
+    results["state_put"] = await _timed(state_put, count)
+    results["state_get"] = await _timed(lambda n: store.get(latency_agent), count)
+
+    per_writer = max(1, count * 4 // WRITERS)
+
+    async def raw_writer(w: int) -> None:
+        revision = await raw.put(f"cas{w}", value)
+        for _ in range(per_writer):
+            revision = await raw.update(f"cas{w}", value, last=revision)
+
+    async def state_writer(w: int) -> None:
+        agent = AgentId("bench-state", f"cas{w}")
+        expected = (await store.put(agent, STATE)).version
+        for n in range(per_writer):
+            state = {"count": n, "note": STATE["note"]}
+            expected = (await store.put(agent, state, expected_version=expected)).version
+
+    results["raw_kv_cas_per_s"] = await _rate(raw_writer, per_writer * WRITERS)
+    results["state_cas_per_s"] = await _rate(state_writer, per_writer * WRITERS)
+    results["writers"] = WRITERS
+    await js.delete_key_value(f"{subjects.prefix}-bench-raw")
+    return results
+
+
+def state_lines(results: dict[str, Any], raw_rpc_p50_ms: float) -> list[str]:
+    """What the bench prints about state."""
+    r = results
+    floor = r["raw_kv_get"]["p50_ms"] + raw_rpc_p50_ms
+    return [
+        f"state put p50 {r['state_put']['p50_ms']:.2f} ms, p95 {r['state_put']['p95_ms']:.2f} ms"
+        f" (raw KV put p50 {r['raw_kv_put']['p50_ms']:.2f} ms)",
+        f"state get p50 {r['state_get']['p50_ms']:.2f} ms, p95 {r['state_get']['p95_ms']:.2f} ms"
+        f" (raw KV direct get p50 {r['raw_kv_get']['p50_ms']:.2f} ms; plus one request/reply"
+        f" hop {floor:.2f} ms: {r['state_get']['p50_ms'] / floor:.2f}x)",
+        f"state CAS updates, {r['writers']} writers: {r['state_cas_per_s']:,.0f}/s"
+        f" ({r['state_cas_per_s'] / r['raw_kv_cas_per_s']:.2f}x raw KV CAS at"
+        f" {r['raw_kv_cas_per_s']:,.0f}/s)",
+    ]
