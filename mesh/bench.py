@@ -10,7 +10,10 @@ process) and one worker process, then measures for a 64-byte echo:
 each as sequential latency (p50/p95/p99) and throughput at several concurrency
 levels; then ``inflight_100k``: that many requests in flight at once through the one
 gateway (each held by its handler for a while), counting answers and errors and the
-gateway's peak memory. It prints a table and, with ``--json PATH``, writes the figures.
+gateway's peak memory. Events: publish-to-handled throughput and latency beside raw
+JetStream ``publish_async``. State (`mesh._bench_state`): the state service's put/get
+latency and compare-and-set throughput, and workers' saves, beside raw KV. It prints a
+table and, with ``--json PATH``, writes the figures.
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
+from mesh._bench_state import measure_state, state_lines
 from mesh.agent import Agent, MessageContext, handler
 from mesh.client import MeshClient
 from mesh.config import ConnectConfig
-from mesh.errors import MeshError
+from mesh.errors import MeshError, StateNotFoundError
 from mesh.ids import AgentId, TopicId
 from mesh.server import NatsServer, find_nats_server
+from mesh.state import StateClient
 from mesh.subjects import Subjects
 from mesh.subscriptions import type_subscription
 from mesh.testing import WorkerProcess, eventually
@@ -331,6 +336,14 @@ def _table(results: dict[str, Any], requests: int) -> Table:
     return table
 
 
+async def _state_served(nc: NATS) -> bool:
+    try:
+        await StateClient(nc, Subjects()).get(AgentId("bench-state", "probe"))
+    except StateNotFoundError:
+        return True
+    return True
+
+
 async def _subscribed(nc: NATS, agent_type: str) -> bool:
     reply = await nc.request("mesh.router.subscriptions", b"{}", timeout=2)
     listed = orjson.loads(reply.data).get("subscriptions", [])
@@ -366,6 +379,7 @@ async def run_bench(
         # The gateway in a process of its own, as in production: holding 100,000
         # requests, it must not delay the heartbeats the registry answers, nor events.
         control = subprocess.Popen([*mesh_cli, "registry", "router"])  # noqa: ASYNC220
+        state = subprocess.Popen([*mesh_cli, "state"])  # noqa: ASYNC220
         gateway = subprocess.Popen([*mesh_cli, "gateway"], env=env)  # noqa: ASYNC220
         worker = WorkerProcess(
             server.url,
@@ -407,12 +421,15 @@ async def run_bench(
                 lambda: _subscribed(nc, "bench-sink"), timeout=30, message="bench subscription"
             )
             results["events"] = await _events(nc, Subjects(), events, sources=100)
+            console.print("state: the state service and workers' saves beside raw KV…")
+            await eventually(lambda: _state_served(nc), timeout=30, message="the state service")
+            results["state"] = await measure_state(nc, Subjects(), 2000)
             console.print(f"holding {inflight:,} requests in flight for {hold:g}s each…")
             results["inflight_100k"] = await _hold_inflight(client, gateway.pid, inflight, hold)
         finally:
             await client.aclose()
             worker.stop()
-            for process in (gateway, control, responder):
+            for process in (gateway, control, state, responder):
                 process.terminate()
                 process.wait(10)
     console.print(_table(results, requests))
@@ -428,6 +445,8 @@ async def run_bench(
         f" JetStream publish_async at {ev['raw_publish_async_per_s']:,.0f}/s);"
         f" latency at 500/s p50 {ev['p50_ms']:.1f} ms, p95 {ev['p95_ms']:.1f} ms"
     )
+    for line in state_lines(results["state"], results["raw_rpc"]["p50_ms"]):
+        console.print(line)
     held = results["inflight_100k"]
     console.print(
         f"in flight at once: {held['answered']:,}/{held['sent']:,} answered,"
