@@ -196,7 +196,7 @@ async def _tour(tour: _Tour, workers: dict[str, WorkerProcess]) -> None:
     tour.expect(moved["worker"] == staying, f"counter/alice now lives on {staying}")
     tour.expect(
         moved["value"] == 21,
-        "and it still counts 21: each count was saved through the state service"
+        "and it still counts 21: each count was saved in KV before its reply"
         " (nats kv get mesh-state counter.alice), and the new activation loaded it",
     )
 
