@@ -28,6 +28,8 @@ AUTHORIZATION: Final = "Authorization"
 TRACEPARENT: Final = "traceparent"
 TRACESTATE: Final = "tracestate"
 RETRY_AFTER_MS: Final = "Retry-After-Ms"
+#: The authenticated client a request came from, set by the gateway (never by callers).
+CLIENT: Final = "Mesh-Client"
 SERVICE_ERROR_CODE: Final = "Nats-Service-Error-Code"
 SERVICE_ERROR: Final = "Nats-Service-Error"
 MSG_ID: Final = "Nats-Msg-Id"
@@ -39,7 +41,6 @@ FORWARDED_HEADERS: Final[tuple[str, ...]] = (
     SENDER,
     TOPIC,
     REQUEST_ID,
-    AUTHORIZATION,
     TRACEPARENT,
     TRACESTATE,
 )

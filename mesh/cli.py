@@ -23,6 +23,7 @@ from mesh.agent import Agent
 from mesh.client import MeshClient
 from mesh.codec import JSON_CODEC, MSGPACK_CODEC
 from mesh.config import (
+    AuthConfig,
     ConnectConfig,
     EventsConfig,
     GatewayConfig,
@@ -113,7 +114,13 @@ async def running_services(
             elif name == "state":
                 service = StateService(nc, subjects, StateConfig.from_env())
             elif name == "gateway":
-                service = Gateway(nc, subjects, GatewayConfig.from_env(), registry_config)
+                service = Gateway(
+                    nc,
+                    subjects,
+                    GatewayConfig.from_env(),
+                    registry_config,
+                    auth=AuthConfig.from_env(),
+                )
             else:
                 service = Router(nc, subjects, EventsConfig.from_env())
             await service.start()
@@ -333,6 +340,39 @@ async def cmd_state(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_clients(args: argparse.Namespace) -> int:
+    from mesh.clients import ClientRegistry
+
+    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
+    nc = await connect(connect_config, name="mesh-cli", reconnect=False)
+    try:
+        registry = ClientRegistry(nc.jetstream(), Subjects(args.prefix))
+        if args.action == "add":
+            if not args.client:
+                raise BadRequestError("mesh clients add CLIENT_ID [--agent-types ...]")
+            agent_types = [t.strip() for t in args.agent_types.split(",") if t.strip()]
+            key = await registry.add(
+                args.client,
+                agent_types=agent_types,
+                rate=args.rate,
+                burst=args.burst,
+                description=args.description,
+            )
+            print(f"Authorization: ApiKey {key}")
+            print("(shown once: only a salted hash of the secret is kept)", file=sys.stderr)
+        elif args.action == "revoke":
+            revoked = await registry.revoke(args.client)
+            print(f"revoked {args.client}" if revoked else f"no client {args.client!r}")
+        else:
+            for record in await registry.list():
+                rate = f"{record.rate:g}/s" if record.rate else "default rate"
+                patterns = ",".join(record.agent_types)
+                print(f"{record.id:20} {patterns:30} {rate:14} {record.description}")
+    finally:
+        await close_connection(nc)
+    return 0
+
+
 async def cmd_workers(args: argparse.Namespace) -> int:
     from mesh._tables import fetch_types, fetch_workers, print_types, print_workers
 
@@ -447,6 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
     state.add_argument(
         "--policy", choices=CONFLICT_POLICIES, default="reject", help="for put: on conflict"
     )
+    clients = commands.add_parser("clients", help="gateway clients: add ID | list | revoke ID")
+    clients.add_argument("action", choices=("add", "list", "revoke"))
+    clients.add_argument("client", nargs="?", default="", metavar="CLIENT_ID")
+    clients.add_argument(
+        "--agent-types", default="*", help="comma-separated patterns it may call (default *)"
+    )
+    clients.add_argument("--rate", type=float, help="requests per second (default MESH_RATE_LIMIT)")
+    clients.add_argument("--burst", type=int, help="requests at once beyond the rate")
+    clients.add_argument("--description", default="")
     commands.add_parser("workers", help="list live workers")
     commands.add_parser("agents", help="list agent types and their workers")
 
@@ -471,6 +520,7 @@ COMMANDS = {
     "routes": cmd_routes,
     "subscriptions": cmd_subscriptions,
     "state": cmd_state,
+    "clients": cmd_clients,
     "workers": cmd_workers,
     "agents": cmd_workers,
     "demo": cmd_demo,

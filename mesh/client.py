@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -15,6 +16,7 @@ from pydantic import BaseModel
 
 from mesh._connect import connect
 from mesh._wire import (
+    AUTHORIZATION,
     CONTENT_TYPE,
     MSG_ID,
     MSG_TYPE,
@@ -58,6 +60,8 @@ class MeshClient:
         subjects: The mesh's names.
         codec: Encoding of requests (and so of replies).
         default_timeout: Deadline of a call that names none.
+        authorization: The ``Authorization`` header for calls through a gateway that
+            checks credentials: ``ApiKey <id>.<secret>`` or ``Bearer <JWT>``.
     """
 
     def __init__(
@@ -67,11 +71,13 @@ class MeshClient:
         subjects: Subjects | None = None,
         codec: Codec = JSON_CODEC,
         default_timeout: float = 30.0,
+        authorization: str | None = None,
     ) -> None:
         self._nc = nc
         self._subjects = subjects or Subjects()
         self._codec = codec
         self._default_timeout = default_timeout
+        self._authorization = authorization
         self._owns_connection = False
 
     @classmethod
@@ -83,10 +89,12 @@ class MeshClient:
         codec: Codec = JSON_CODEC,
         default_timeout: float = 30.0,
         name: str = "mesh-client",
+        authorization: str | None = None,
     ) -> MeshClient:
         """Connect to NATS and return a client that closes the connection on `aclose`.
 
-        Without arguments it follows ``MESH_NATS_URL`` (and credentials) and ``MESH_PREFIX``.
+        Without arguments it follows ``MESH_NATS_URL`` (and credentials), ``MESH_PREFIX``
+        and ``MESH_AUTHORIZATION`` (the gateway credentials).
         """
         nc = await connect(config or ConnectConfig.from_env(), name=name, reconnect=False)
         client = cls(
@@ -94,6 +102,7 @@ class MeshClient:
             subjects=subjects or Subjects.from_env(),
             codec=codec,
             default_timeout=default_timeout,
+            authorization=authorization or os.environ.get("MESH_AUTHORIZATION") or None,
         )
         client._owns_connection = True
         return client
@@ -203,6 +212,8 @@ class MeshClient:
             deadline = min(deadline, enclosing.remaining() + ENCLOSED_GRACE)
         request_headers = dict(headers)
         request_headers.setdefault(REQUEST_ID, new_request_id())
+        if self._authorization is not None:
+            request_headers.setdefault(AUTHORIZATION, self._authorization)
         request_headers[TIMEOUT_MS] = str(max(1, int(deadline * 1000)))
         try:
             reply = await self._nc.request(

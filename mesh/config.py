@@ -280,3 +280,56 @@ class StateConfig:
             max_state_bytes=_int(env, "MESH_STATE_MAX_BYTES", default.max_state_bytes),
             known_revisions=_int(env, "MESH_STATE_KNOWN_REVISIONS", default.known_revisions),
         )
+
+
+def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "on", "true", "yes"):
+        return True
+    if raw in ("0", "off", "false", "no"):
+        return False
+    raise BadRequestError(f"{name} must be on or off, not {raw!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthConfig:
+    """Who may call through the gateway, and how often.
+
+    Attributes:
+        enabled: Check credentials (off for development, on in production).
+        jwt_secret: Shared secret for HS256 bearer tokens.
+        jwt_public_key_file: PEM public key for RS256/ES256 bearer tokens.
+        jwks_file: A JWKS file of public keys, chosen by the token's ``kid``.
+        jwt_issuer: Required ``iss`` claim, when set.
+        jwt_audience: Required ``aud`` claim, when set.
+        default_rate: Requests per second for clients whose record sets none.
+        default_burst: Requests a client may make at once beyond its rate.
+        share_interval: Seconds between gateways telling each other what they admitted.
+    """
+
+    enabled: bool = False
+    jwt_secret: str | None = None
+    jwt_public_key_file: str | None = None
+    jwks_file: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    default_rate: float = 100.0
+    default_burst: int = 200
+    share_interval: float = 0.2
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> AuthConfig:
+        default = cls()
+        return cls(
+            enabled=_switch(env, "MESH_AUTH", default.enabled),
+            jwt_secret=env.get("MESH_JWT_SECRET") or None,
+            jwt_public_key_file=env.get("MESH_JWT_PUBLIC_KEY") or None,
+            jwks_file=env.get("MESH_JWT_JWKS") or None,
+            jwt_issuer=env.get("MESH_JWT_ISSUER") or None,
+            jwt_audience=env.get("MESH_JWT_AUDIENCE") or None,
+            default_rate=_float(env, "MESH_RATE_LIMIT", default.default_rate),
+            default_burst=_int(env, "MESH_RATE_BURST", default.default_burst),
+            share_interval=_float(env, "MESH_RATE_SHARE_INTERVAL", default.share_interval),
+        )

@@ -340,3 +340,23 @@ class Journal(Agent, agent_type="journal", autosave=False, conflict_policy="merg
     @handler
     async def read(self, message: Read, ctx: MessageContext) -> Notes:
         return Notes(lines=list(self.entries.values()))
+
+
+class WhoAmI(BaseModel):
+    pass
+
+
+class Caller(BaseModel):
+    client: str | None
+    saw_authorization: bool
+
+
+class Whoami(Agent, agent_type="whoami", stateless=True):
+    """Tells who the gateway says is calling, and whether credentials leaked this far."""
+
+    @handler
+    async def who(self, message: WhoAmI, ctx: MessageContext) -> Caller:
+        return Caller(
+            client=ctx.headers.get("Mesh-Client"),
+            saw_authorization="Authorization" in ctx.headers,
+        )

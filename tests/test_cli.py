@@ -243,3 +243,29 @@ async def test_state_commands_put_get_history_and_delete(
     assert out.strip() == "deleted the state of counter/x"
     code, out, err = await _mesh(nats_url, subjects, "state", "get", "counter/x")
     assert code == 1 and err.startswith("error 404 StateNotFound:")
+
+
+async def test_clients_commands_add_list_and_revoke(nats_url: str, subjects: Subjects) -> None:
+    code, out, err = await _mesh(
+        nats_url,
+        subjects,
+        "clients",
+        "add",
+        "shop",
+        "--agent-types",
+        "billing,orders-*",
+        "--rate",
+        "5",
+    )
+    assert code == 0 and "shown once" in err
+    header, key = out.strip().split(" ApiKey ")
+    assert header == "Authorization:" and key.startswith("shop.") and len(key) > 40
+    code, out, err = await _mesh(nats_url, subjects, "clients", "add", "shop")
+    assert code == 1 and err.startswith("error 400 BadRequest: client 'shop' exists")
+    code, out, _ = await _mesh(nats_url, subjects, "clients", "list")
+    assert out.split()[:3] == ["shop", "billing,orders-*", "5/s"]
+    assert key.split(".", 1)[1] not in out
+    code, out, _ = await _mesh(nats_url, subjects, "clients", "revoke", "shop")
+    assert out.strip() == "revoked shop"
+    code, out, _ = await _mesh(nats_url, subjects, "clients", "list")
+    assert out.strip() == ""

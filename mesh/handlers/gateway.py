@@ -1,8 +1,10 @@
 """The gateway service (``mesh-gateway``): the single entry for agent requests.
 
 It serves ``mesh.rpc.<type>.<key>`` in a queue group, so any number of replicas share
-the load. For each request it checks the id, payload size, content type and deadline,
-then:
+the load. For each request it checks the id and payload size; with auth on, the
+credentials (401), the agent type against the client's patterns (403) and the client's
+rate (429, shared across replicas: `mesh._ratelimit`); then the content type and
+deadline, and then:
 
 - **agents with identity** go to their one activation: the placement table
   (``mesh-placement``, watched locally) names the worker; a new agent is placed on
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
 
 from nats.aio.client import Client as NATS
@@ -32,6 +35,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from mesh import __version__
+from mesh._auth import Authenticator
 from mesh._balancing import (
     Candidate,
     Health,
@@ -45,7 +49,9 @@ from mesh._directory import WorkerDirectory
 from mesh._lifecycle import Lifecycle
 from mesh._micro import MicroService, Reply
 from mesh._placement import Placement, PlacementTable
+from mesh._ratelimit import SharedRateLimiter
 from mesh._wire import (
+    CLIENT,
     FORWARDED_HEADERS,
     REQUEST_ID,
     SERVICE_ERROR_CODE,
@@ -55,13 +61,14 @@ from mesh._wire import (
     parse_timeout,
     request_codec,
 )
-from mesh.config import GatewayConfig, RegistryConfig
+from mesh.config import AuthConfig, GatewayConfig, RegistryConfig
 from mesh.errors import (
     AgentTypeNotFoundError,
     DeadlineExceededError,
     MeshError,
     NoWorkerAvailableError,
     PayloadTooLargeError,
+    RateLimitedError,
 )
 from mesh.ids import AgentId
 from mesh.subjects import Subjects
@@ -83,6 +90,7 @@ class Gateway(Lifecycle):
         subjects: The mesh's names.
         config: Deadlines, payload limit, in-flight limit, strategies, health.
         registry_config: How worker liveness is judged.
+        auth: Credentials and rate limits; off unless it says ``enabled``.
         serve: Serve ``mesh.rpc.>``; without it the gateway only forwards what its owner
             hands to `deliver` (the router delivers events this way, one hop shorter).
     """
@@ -94,12 +102,23 @@ class Gateway(Lifecycle):
         config: GatewayConfig | None = None,
         registry_config: RegistryConfig | None = None,
         *,
+        auth: AuthConfig | None = None,
         serve: bool = True,
     ) -> None:
         self._nc = nc
         self._serve = serve
         self._subjects = subjects or Subjects()
         self._config = config or GatewayConfig()
+        self._authenticator: Authenticator | None = None
+        self._limiter: SharedRateLimiter | None = None
+        if serve and auth is not None and auth.enabled:
+            self._authenticator = Authenticator(nc.jetstream(), self._subjects, auth)
+            self._limiter = SharedRateLimiter(
+                nc,
+                self._subjects.service(SERVICE, "usage"),
+                member=uuid.uuid4().hex,
+                interval=auth.share_interval,
+            )
         self.directory = WorkerDirectory(nc.jetstream(), self._subjects, registry_config)
         self.placements = PlacementTable(nc.jetstream(), self._subjects)
         self._stats: dict[str, WorkerStats] = {}
@@ -121,6 +140,9 @@ class Gateway(Lifecycle):
             return
         await self.directory.start()
         await self.placements.start()
+        if self._authenticator is not None and self._limiter is not None:
+            await self._authenticator.start()
+            await self._limiter.start()
         if self._serve:
             await self._service.add_endpoint(
                 "rpc",
@@ -136,6 +158,8 @@ class Gateway(Lifecycle):
     async def _rewatch(self) -> None:
         await self.directory.restart()
         await self.placements.restart()
+        if self._authenticator is not None:
+            await self._authenticator.restart()
 
     async def shutdown(self, grace: float = 10.0) -> None:
         """Stop taking requests, let in-flight ones finish for `grace` seconds. Idempotent."""
@@ -144,6 +168,9 @@ class Gateway(Lifecycle):
         self._started = False
         self._forget_reconnect()
         await self._service.stop(grace)
+        if self._authenticator is not None and self._limiter is not None:
+            await self._limiter.aclose()
+            await self._authenticator.aclose()
         await self.placements.aclose()
         await self.directory.aclose()
 
@@ -262,13 +289,31 @@ class Gateway(Lifecycle):
             raise PayloadTooLargeError(
                 f"payload of {len(msg.data)} bytes is over the limit of {self._config.max_payload}"
             )
+        client_id = self._admit(agent_id, headers)
         request_codec(headers)
         deadline = Deadline(
             parse_timeout(headers, self._config.default_timeout, self._config.max_timeout)
         )
+        # Never Authorization: credentials stop here; the worker learns who called.
         forwarded = {name: headers[name] for name in FORWARDED_HEADERS if name in headers}
         forwarded[REQUEST_ID] = request_id
+        if client_id is not None:
+            forwarded[CLIENT] = client_id
         return await self.deliver(agent_id, msg.data, forwarded, deadline)
+
+    def _admit(self, agent_id: AgentId, headers: dict[str, str]) -> str | None:
+        """The authenticated client, checked for this agent type and its rate (with auth)."""
+        if self._authenticator is None or self._limiter is None:
+            return None
+        principal = self._authenticator.authenticate(headers)
+        principal.check(agent_id.type)
+        wait = self._limiter.check(principal.client_id, principal.rate, principal.burst)
+        if wait > 0:
+            raise RateLimitedError(
+                f"client {principal.client_id!r} is over its {principal.rate:g} requests/s",
+                retry_after=wait,
+            )
+        return principal.client_id
 
     async def deliver(
         self, agent_id: AgentId, data: bytes, headers: dict[str, str], deadline: Deadline
