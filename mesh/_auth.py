@@ -105,7 +105,7 @@ class Authenticator:
             return self._api_key(credentials)
         if scheme.lower() == "bearer":
             return self._bearer(credentials)
-        raise UnauthorizedError(f"unknown Authorization scheme {scheme[:16]!r}")
+        raise UnauthorizedError("unknown Authorization scheme; use ApiKey or Bearer")
 
     def _api_key(self, credentials: str) -> Principal:
         try:

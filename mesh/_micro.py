@@ -36,7 +36,7 @@ from nats.micro.service import (
 )
 
 from mesh._wire import error_reply
-from mesh.errors import MeshError, NoWorkerAvailableError
+from mesh.errors import MeshError, NoWorkerAvailableError, PayloadTooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,15 @@ class _Endpoint:
         )
 
     async def _dispatch(self, msg: Msg) -> None:
+        limit = self.service.max_payload
+        if limit is not None and len(msg.data) > limit:
+            self.num_requests += 1
+            too_large = PayloadTooLargeError(
+                f"a request of {len(msg.data)} bytes is over {self.service.name}'s limit of {limit}"
+            )
+            self._count_error(too_large)
+            await self._respond(msg, *error_reply(too_large, msg.headers))
+            return
         if len(self.tasks) >= self.max_in_flight:
             self.num_requests += 1
             overloaded = NoWorkerAvailableError(
@@ -165,6 +174,10 @@ class _Endpoint:
         )
 
 
+#: Largest control-plane request (registrations, subscriptions, rules...).
+CONTROL_MAX_PAYLOAD = 256 * 1024
+
+
 class MicroService:
     """A discoverable NATS micro service with concurrent endpoints.
 
@@ -174,6 +187,7 @@ class MicroService:
         version: Semantic version reported by ``$SRV.INFO``.
         description: One line for ``nats micro info``.
         metadata: Extra key/values reported by discovery.
+        max_payload: Larger request bodies get 413 at once, before any decoding.
     """
 
     def __init__(
@@ -184,12 +198,14 @@ class MicroService:
         version: str,
         description: str = "",
         metadata: dict[str, str] | None = None,
+        max_payload: int | None = None,
     ) -> None:
         self.nc = nc
         self.name = name
         self.version = version
         self.description = description
         self.metadata = metadata or {}
+        self.max_payload = max_payload
         self.id = nc._nuid.next().decode()
         self.started = datetime.now(UTC).replace(tzinfo=None)
         self._endpoints: list[_Endpoint] = []

@@ -439,8 +439,9 @@ class Worker(Lifecycle):
             )
         spec = cls.handlers.get(name)
         if spec is None:
+            shown = name if len(name) <= 80 else f"{name[:80]}... ({len(name)} characters)"
             raise UnknownMessageTypeError(
-                f"{agent_id.type} has no handler for {name!r};"
+                f"{agent_id.type} has no handler for {shown!r};"
                 f" it handles {', '.join(sorted(cls.handlers))}"
             )
         return spec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -258,3 +259,41 @@ async def test_the_client_sends_credentials_and_raises_typed_errors(
     with pytest.raises(RateLimitedError) as caught:
         await client.call(WHO, {}, message_type="WhoAmI")
     assert caught.value.retry_after is not None and 0 < caught.value.retry_after <= 1.0
+
+
+async def test_no_secret_or_token_reaches_any_log(
+    nc: NATS,
+    subjects: Subjects,
+    registry: object,
+    spawn_worker: type,
+    clients: ClientRegistry,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    worker_log = tmp_path / "worker.log"
+    key = await clients.add("logged", agent_types=["whoami", "sulker"], rate=5, burst=2)
+    secret = key.split(".", 1)[1]
+    token = _token(agent_types=["whoami"])
+    expired = _token(exp=int(time.time()) - 10, agent_types=["whoami"])
+    async with Gateway(nc, subjects, auth=AUTH) as gateway:
+        spawn_worker(
+            "tests.agents:Whoami", "tests.agents:Sulker", worker_id="logs-w",
+            log_path=str(worker_log), log_level="DEBUG",
+        )  # fmt: skip
+        await eventually(lambda: gateway.directory.live_workers("whoami"), timeout=15)
+        await eventually(lambda: _succeeds(_call(nc, subjects, f"ApiKey {key}")), timeout=5)
+        for authorization in (
+            *[f"ApiKey {key}"] * 6,  # some over the rate
+            f"ApiKey logged.wrong{secret}",
+            f"ApiKey{key}",
+            f"Bearer {token}",
+            f"Bearer {expired}",
+            f"Bearer {token}x",
+        ):
+            await _call(nc, subjects, authorization)
+            await _call(nc, subjects, authorization, AgentId("sulker", "s"))
+    logs = caplog.text + worker_log.read_text()
+    assert "logs-w" in logs  # the worker did log
+    for sensitive in (secret, token, expired, token.split(".")[2]):
+        assert sensitive not in logs

@@ -16,6 +16,7 @@ from mesh.handlers.registry import Registry
 from mesh.subjects import Subjects
 from mesh.testing import eventually
 from tests.agents import Sleeper
+from tests.helpers import assert_error
 
 
 @pytest.fixture
@@ -63,3 +64,38 @@ async def test_worker_shutdown_keeps_to_its_grace_and_answers_the_rest_503(
     results = await asyncio.gather(*naps, return_exceptions=True)
     assert all(isinstance(r, NoWorkerAvailableError) for r in results), results
     assert all("shutting down" in str(r) for r in results)
+
+
+async def test_services_answer_an_oversized_request_413_before_reading_it(
+    nc: NATS, subjects: Subjects, registry: Registry
+) -> None:
+    from mesh._micro import CONTROL_MAX_PAYLOAD
+    from mesh.handlers.router import Router
+
+    size = CONTROL_MAX_PAYLOAD + 1  # and not even JSON: it is never decoded
+    async with Router(nc, subjects):
+        for op in (("registry", "register"), ("router", "rule_put")):
+            reply = await nc.request(subjects.service(*op), b"\xff" * size, timeout=5)
+            error = assert_error(reply, 413, "PayloadTooLarge")
+            assert str(size) in error["message"]
+
+
+async def test_oversized_and_garbage_headers_get_a_bounded_400(
+    nc: NATS, subjects: Subjects, gateway: Gateway, spawn_worker: type
+) -> None:
+    spawn_worker("workers.echo:Echo", worker_id="hdr")
+    await eventually(lambda: gateway.directory.live_workers("echo"), timeout=15)
+    huge_type = "X" * 100_000
+    reply = await nc.request(
+        subjects.rpc(AgentId("echo", "h")), b'{"text": "x"}', timeout=5,
+        headers={"Mesh-Msg-Type": huge_type},
+    )  # fmt: skip
+    error = assert_error(reply, 400, "UnknownMessageType")
+    assert reply.headers is not None and len(reply.headers["Nats-Service-Error"]) <= 1024
+    assert len(error["message"]) < 2_000  # the name is not echoed back whole
+    for content_type in ("text/html", "application/json; charset=\x7f", "\u00e9/x"):
+        reply = await nc.request(
+            subjects.rpc(AgentId("echo", "h")), b"\x00\x01garbage", timeout=5,
+            headers={"Content-Type": content_type},
+        )  # fmt: skip
+        assert_error(reply, 400)

@@ -33,7 +33,7 @@ from mesh._control import model_reply, read_request
 from mesh._directory import WorkerDirectory, types_bucket, workers_bucket
 from mesh._kv import ensure_bucket, put_with_ttl
 from mesh._lifecycle import Lifecycle
-from mesh._micro import MicroService, Reply
+from mesh._micro import CONTROL_MAX_PAYLOAD, MicroService, Reply
 from mesh.config import RegistryConfig
 from mesh.errors import AgentTypeNotFoundError, BadRequestError, WorkerNotRegisteredError
 from mesh.ids import validate_agent_type
@@ -79,6 +79,7 @@ class Registry(Lifecycle):
             name=self._subjects.micro_name(SERVICE),
             version=__version__,
             description="workers, agent types and their liveness",
+            max_payload=CONTROL_MAX_PAYLOAD,
         )
         self._workers_kv: KeyValue | None = None
         self._types_kv: KeyValue | None = None

@@ -39,7 +39,7 @@ from mesh._control import model_reply, read_request
 from mesh._dispatch import EventDispatcher
 from mesh._kv import BucketConfig, KvMirror, MirroredEntry, ensure_bucket, put_with_ttl
 from mesh._lifecycle import Lifecycle
-from mesh._micro import MicroService, Reply
+from mesh._micro import CONTROL_MAX_PAYLOAD, MicroService, Reply
 from mesh._streams import ensure_event_streams
 from mesh.config import EventsConfig, RoutingConfig
 from mesh.errors import BadRequestError, InvalidIdError, MeshError
@@ -172,6 +172,7 @@ class Router(Lifecycle):
             name=self._subjects.micro_name(SERVICE),
             version=__version__,
             description="subscriptions and event delivery",
+            max_payload=CONTROL_MAX_PAYLOAD,
         )
         self._forget_reconnect: Callable[[], None] = lambda: None
         self._started = False

@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from mesh import __version__
 from mesh._control import model_reply, read_request
 from mesh._lifecycle import Lifecycle
-from mesh._micro import MicroService, Reply
+from mesh._micro import CONTROL_MAX_PAYLOAD, MicroService, Reply
 from mesh._state_store import StateStore
 from mesh.config import StateConfig
 from mesh.ids import AgentId
@@ -44,12 +44,16 @@ class StateService(Lifecycle):
     ) -> None:
         self._nc = nc
         self._subjects = subjects or Subjects()
+        config = config or StateConfig()
         self.store = StateStore(nc.jetstream(), self._subjects, config)
         self._service = MicroService(
             nc,
             name=self._subjects.micro_name(SERVICE),
             version=__version__,
             description="versioned agent state",
+            # Room for the largest state and its request around it; the store then
+            # answers 413 for a state over its own limit, with the sizes.
+            max_payload=config.max_state_bytes + CONTROL_MAX_PAYLOAD,
         )
         self._started = False
 
