@@ -142,3 +142,15 @@ async def test_a_client_calls_through_the_gateway_and_cannot_go_around_it(
         assert reply["value"] == 2
     finally:
         await nc.close()
+
+
+def test_the_production_settings_turn_auth_on() -> None:
+    from mesh.config import AuthConfig
+
+    env = {}
+    for line in (REPO / "deploy" / "mesh-production.env").read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            env[name.strip()] = value.strip()
+    config = AuthConfig.from_env(env)
+    assert config.enabled and config.default_rate == 100 and config.default_burst == 200
