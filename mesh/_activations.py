@@ -81,6 +81,13 @@ class ActivationTable:
     def __len__(self) -> int:
         return len(self._active)
 
+    def counts_by_type(self, agent_types: list[str]) -> dict[str, int]:
+        """Active instances of each of `agent_types`."""
+        counts = dict.fromkeys(agent_types, 0)
+        for agent_id in self._active:
+            counts[agent_id.type] = counts.get(agent_id.type, 0) + 1
+        return counts
+
     def agent_class(self, agent_type: str) -> type[Agent] | None:
         return self._classes.get(agent_type)
 

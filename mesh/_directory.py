@@ -169,6 +169,11 @@ class WorkerDirectory:
 
     # Lookups
 
+    def live_worker_counts(self) -> dict[str, float]:
+        """Live workers per registered agent type (0 for types with none)."""
+        types = {t for t, registrations in self._types.items() if registrations} | set(self._hosts)
+        return {t: float(len(self.live_workers(t))) for t in sorted(types)}
+
     def knows_type(self, agent_type: str) -> bool:
         """Whether any worker, alive or not, has registered `agent_type`."""
         return bool(self._types.get(agent_type)) or agent_type in self._hosts

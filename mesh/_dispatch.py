@@ -27,6 +27,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from mesh import metrics
 from mesh._consume import PullConsumer
 from mesh._wire import (
     CONTENT_TYPE,
@@ -285,6 +286,7 @@ class EventDispatcher:
             if deliveries >= self._config.max_deliveries:
                 await self._dead_letter(msg, exc)
             else:
+                metrics.EVENTS_RETRIED.labels(self.agent_type).inc()
                 delay = self._retry_delay(deliveries)
                 logger.info(
                     "event %s for %s failed (%s); retry %d in %.1fs",
@@ -298,6 +300,7 @@ class EventDispatcher:
             return
         elapsed = time.monotonic() - started
         await msg.ack()
+        metrics.EVENTS_DELIVERED.labels(self.agent_type).inc()
         for sub in matching:
             stats = self.stats[sub.id]
             stats.successes += 1
@@ -324,6 +327,7 @@ class EventDispatcher:
             logger.error("could not dead-letter an event for %s: %s", self.agent_type, exc)
             await msg.nak(delay=self._retry_delay(msg.metadata.num_delivered))
             return
+        metrics.EVENTS_DEAD_LETTERED.labels(self.agent_type).inc()
         logger.warning("event on %s for %s dead-lettered: %s", msg.subject, self.agent_type, error)
         await msg.term()
 

@@ -29,6 +29,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from mesh import metrics
 from mesh._conflicts import (
     ConflictPolicy,
     FieldConflictError,
@@ -317,6 +318,7 @@ class StateStore:
 
     @staticmethod
     def _conflict(agent_id: AgentId, expected: int, current: int, why: str = "") -> ConflictError:
+        metrics.STATE_CONFLICTS.labels(agent_id.type).inc()
         message = f"{agent_id} is at version {current}, not {expected}"
         return ConflictError(f"{message}: {why}" if why else message, current_version=current)
 

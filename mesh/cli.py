@@ -16,9 +16,11 @@ from typing import Any
 
 import orjson
 
+from mesh import metrics
 from mesh._conflicts import CONFLICT_POLICIES
 from mesh._connect import connect
 from mesh._control import control_request
+from mesh._logging import configure_logging
 from mesh.agent import Agent
 from mesh.client import MeshClient
 from mesh.codec import JSON_CODEC, MSGPACK_CODEC
@@ -48,14 +50,6 @@ def run(coro: Coroutine[Any, Any, int]) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
         return asyncio.run(coro)
     return uvloop.run(coro)
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def load_agent_class(spec: str) -> type[Agent]:
@@ -125,6 +119,15 @@ async def running_services(
                 service = Router(nc, subjects, EventsConfig.from_env())
             await service.start()
             started.append(service)
+            if isinstance(service, Registry | Gateway) and not any(
+                isinstance(s, Registry | Gateway) for s in started[:-1]
+            ):
+                metrics.register_figures(
+                    "mesh_live_workers",
+                    "Live workers hosting each agent type.",
+                    "agent_type",
+                    service.directory.live_worker_counts,
+                )
             logger.info("%s serving on %s", name, connect_config.url)
         yield
     finally:
@@ -196,6 +199,12 @@ async def serve_worker(args: argparse.Namespace, agents: Sequence[type[Agent]]) 
     nc = await connect(connect_config, name=f"{subjects.prefix}-worker")
     try:
         worker = Worker(nc, agents, config, subjects)
+        metrics.register_figures(
+            "mesh_activations",
+            "Agents active on this worker.",
+            "agent_type",
+            worker.activation_counts,
+        )
         print(f"worker {worker.id} hosting {', '.join(worker.agent_types)}", flush=True)
         await worker.run(handle_signals=True)
     finally:
@@ -434,6 +443,18 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prefix", default=os.environ.get("MESH_PREFIX") or "mesh")
     parser.add_argument("--log-level", default=os.environ.get("MESH_LOG_LEVEL") or "warning")
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("MESH_METRICS_PORT") or 0) or None,
+        help="serve Prometheus /metrics on this port (env MESH_METRICS_PORT; off by default)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        default=os.environ.get("MESH_LOG_FORMAT") or None,
+        help="JSON lines, or text (default: text in a terminal, else JSON)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -530,7 +551,10 @@ COMMANDS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    configure_logging(args.log_level)
+    service = "+".join(args.services) if args.command == "serve" else args.command
+    configure_logging(args.log_level, service, args.log_format)
+    if args.metrics_port:
+        metrics.serve_metrics(args.metrics_port)
     try:
         return run(COMMANDS[args.command](args))
     except MeshError as exc:
@@ -546,7 +570,9 @@ def worker_main(agents: Sequence[type[Agent]], argv: Sequence[str] | None = None
     add_common_options(parser)
     add_worker_options(parser)
     args = parser.parse_args(argv)
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, "worker", args.log_format)
+    if args.metrics_port:
+        metrics.serve_metrics(args.metrics_port)
     try:
         sys.exit(run(serve_worker(args, agents)))
     except MeshError as exc:

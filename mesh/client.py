@@ -14,7 +14,9 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import PubAck
 from pydantic import BaseModel
 
+from mesh import metrics
 from mesh._connect import connect
+from mesh._trace import TraceContext, outgoing
 from mesh._wire import (
     AUTHORIZATION,
     CONTENT_TYPE,
@@ -23,6 +25,7 @@ from mesh._wire import (
     REQUEST_ID,
     SENDER,
     TIMEOUT_MS,
+    TRACEPARENT,
     current_deadline,
     error_from_reply,
     new_request_id,
@@ -214,6 +217,10 @@ class MeshClient:
         request_headers.setdefault(REQUEST_ID, new_request_id())
         if self._authorization is not None:
             request_headers.setdefault(AUTHORIZATION, self._authorization)
+        if TRACEPARENT not in request_headers:
+            traceparent = outgoing()  # sent from a handler: the same trace
+            if traceparent is not None:
+                request_headers[TRACEPARENT] = traceparent
         request_headers[TIMEOUT_MS] = str(max(1, int(deadline * 1000)))
         try:
             reply = await self._nc.request(
@@ -272,13 +279,17 @@ class MeshClient:
         event_headers = self._message_headers(message, message_type, sender, headers)
         if message_id is not None:
             event_headers[MSG_ID] = message_id
+        if TRACEPARENT not in event_headers:
+            event_headers[TRACEPARENT] = outgoing() or TraceContext.new().header()
         try:
-            return await self._nc.jetstream().publish(
+            ack = await self._nc.jetstream().publish(
                 self._subjects.events(topic),
                 encode(message, self._codec),
                 timeout=timeout,
                 headers=event_headers,
             )
+            metrics.EVENTS_PUBLISHED.inc()
+            return ack
         except NoRespondersError:
             raise _remote(
                 NoWorkerAvailableError(f"no stream stores {self._subjects.events_all}")

@@ -26,7 +26,7 @@ import psutil
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from mesh import __version__
+from mesh import __version__, metrics
 from mesh._activations import ActivationTable
 from mesh._control import control_request, model_reply, read_request
 from mesh._lifecycle import Lifecycle
@@ -34,12 +34,14 @@ from mesh._micro import MicroService, Reply
 from mesh._persistence import StateKeeper
 from mesh._placement import PlacementTable
 from mesh._state_store import StateStore
+from mesh._trace import enter
 from mesh._wire import (
     CONTENT_TYPE,
     MSG_TYPE,
     REQUEST_ID,
     SENDER,
     TOPIC,
+    TRACEPARENT,
     Deadline,
     current_deadline,
     new_request_id,
@@ -175,6 +177,12 @@ class Worker(Lifecycle):
         self._stop_requested = asyncio.Event()
         self._stopped = asyncio.Event()
         self._state = "new"
+
+    def activation_counts(self) -> dict[str, float]:
+        """Active agents per hosted type."""
+        return {
+            t: float(n) for t, n in self._activations.counts_by_type(list(self._classes)).items()
+        }
 
     @property
     def agent_types(self) -> list[str]:
@@ -481,21 +489,31 @@ class Worker(Lifecycle):
 
     async def _serve_one(self, agent_id: AgentId, data: bytes, headers: dict[str, str]) -> Reply:
         request_id = headers.get(REQUEST_ID) or new_request_id()
+        # This task serves this one request: its log lines and what the handler sends
+        # carry the request's trace.
+        trace = enter(headers, agent_id=str(agent_id), request_id=request_id)
         started = asyncio.get_running_loop().time()
         failed = True
+        code = "200"
         self._inflight += 1
+        metrics.WORKER_IN_FLIGHT.inc()
         try:
-            reply = await self._handle(agent_id, data, headers, request_id)
+            body, reply_headers = await self._handle(agent_id, data, headers, request_id)
             failed = False
-            return reply
+            return body, {**(reply_headers or {}), TRACEPARENT: trace.header()}
         except MeshError as exc:
             exc.request_id = request_id
+            code = str(int(exc.code))
             # The caller's mistakes (4xx) say nothing about this worker's health.
             failed = exc.code >= 500
             raise
         finally:
             self._inflight -= 1
-            self._load.record(asyncio.get_running_loop().time() - started, failed)
+            metrics.WORKER_IN_FLIGHT.dec()
+            elapsed = asyncio.get_running_loop().time() - started
+            self._load.record(elapsed, failed)
+            metrics.observe_handled(agent_id.type, code, elapsed)
+            logger.debug("%s answered %s in %.2f ms", agent_id, code, elapsed * 1e3)
 
     async def _handle(
         self, agent_id: AgentId, data: bytes, headers: dict[str, str], request_id: str

@@ -34,7 +34,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from mesh import __version__
+from mesh import __version__, metrics
 from mesh._auth import Authenticator
 from mesh._balancing import (
     Candidate,
@@ -50,12 +50,14 @@ from mesh._lifecycle import Lifecycle
 from mesh._micro import MicroService, Reply
 from mesh._placement import Placement, PlacementTable
 from mesh._ratelimit import SharedRateLimiter
+from mesh._trace import TraceContext, enter
 from mesh._wire import (
     CLIENT,
     FORWARDED_HEADERS,
     REQUEST_ID,
     SERVICE_ERROR_CODE,
     TIMEOUT_MS,
+    TRACEPARENT,
     Deadline,
     new_request_id,
     parse_timeout,
@@ -277,13 +279,35 @@ class Gateway(Lifecycle):
     async def _forward(self, msg: Msg) -> Reply:
         headers = msg.headers or {}
         request_id = headers.get(REQUEST_ID) or new_request_id()
+        trace = enter(headers, request_id=request_id)
+        started = time.monotonic()
+        code = "200"
+        metrics.GATEWAY_IN_FLIGHT.inc()
         try:
-            return await self._forward_checked(msg, headers, request_id)
+            body, reply_headers = await self._forward_checked(msg, headers, request_id, trace)
+            code = (reply_headers or {}).get(SERVICE_ERROR_CODE, "200")
+            return body, reply_headers
         except MeshError as exc:
             exc.request_id = request_id
+            code = str(int(exc.code))
             raise
+        finally:
+            metrics.GATEWAY_IN_FLIGHT.dec()
+            elapsed = time.monotonic() - started
+            metrics.observe_forwarded(self._type_label(msg.subject), code, elapsed)
+            logger.debug("%s answered %s in %.2f ms", msg.subject, code, elapsed * 1e3)
 
-    async def _forward_checked(self, msg: Msg, headers: dict[str, str], request_id: str) -> Reply:
+    def _type_label(self, subject: str) -> str:
+        """The agent type as a metric label: only registered types, so labels stay few."""
+        try:
+            agent_type = self._subjects.parse_rpc(subject).type
+        except MeshError:
+            return "invalid"
+        return agent_type if self.directory.knows_type(agent_type) else "unknown"
+
+    async def _forward_checked(
+        self, msg: Msg, headers: dict[str, str], request_id: str, trace: TraceContext
+    ) -> Reply:
         agent_id = self._subjects.parse_rpc(msg.subject)
         if len(msg.data) > self._config.max_payload:
             raise PayloadTooLargeError(
@@ -297,9 +321,13 @@ class Gateway(Lifecycle):
         # Never Authorization: credentials stop here; the worker learns who called.
         forwarded = {name: headers[name] for name in FORWARDED_HEADERS if name in headers}
         forwarded[REQUEST_ID] = request_id
+        forwarded[TRACEPARENT] = trace.header()
         if client_id is not None:
             forwarded[CLIENT] = client_id
-        return await self.deliver(agent_id, msg.data, forwarded, deadline)
+        body, reply_headers = await self.deliver(agent_id, msg.data, forwarded, deadline)
+        reply_headers = dict(reply_headers or {})
+        reply_headers.setdefault(TRACEPARENT, trace.header())
+        return body, reply_headers
 
     def _admit(self, agent_id: AgentId, headers: dict[str, str]) -> str | None:
         """The authenticated client, checked for this agent type and its rate (with auth)."""
@@ -309,6 +337,7 @@ class Gateway(Lifecycle):
         principal.check(agent_id.type)
         wait = self._limiter.check(principal.client_id, principal.rate, principal.burst)
         if wait > 0:
+            metrics.RATE_LIMITED.inc()
             raise RateLimitedError(
                 f"client {principal.client_id!r} is over its {principal.rate:g} requests/s",
                 retry_after=wait,

@@ -1,0 +1,84 @@
+"""W3C trace context (``traceparent``) across every hop, and what log lines say about it.
+
+A request or event keeps its trace id from the first mesh process that sees it to the
+last: the gateway, the worker, the handler and whatever the handler sends or
+publishes. Each hop gets a span id of its own. The current trace and request live in
+context variables, which the log formatters read (`mesh._logging`).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Final
+
+from mesh._wire import REQUEST_ID, TRACEPARENT
+
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE: Final = "0" * 32
+_ZERO_SPAN: Final = "0" * 16
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    """One span of a trace: ``00-<trace_id>-<span_id>-<flags>``."""
+
+    trace_id: str
+    span_id: str
+    flags: str = "01"
+
+    @classmethod
+    def new(cls) -> TraceContext:
+        return cls(secrets.token_hex(16), secrets.token_hex(8))
+
+    @classmethod
+    def parse(cls, value: str | None) -> TraceContext | None:
+        """The context a ``traceparent`` value names; ``None`` when absent or invalid."""
+        if not value:
+            return None
+        match = _TRACEPARENT.fullmatch(value.strip())
+        if match is None or match[1] == _ZERO_TRACE or match[2] == _ZERO_SPAN:
+            return None
+        return cls(match[1], match[2], match[3])
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> TraceContext:
+        """A child of the headers' trace, or a new trace when they carry none."""
+        parent = cls.parse(headers.get(TRACEPARENT))
+        return parent.child() if parent is not None else cls.new()
+
+    def child(self) -> TraceContext:
+        return TraceContext(self.trace_id, secrets.token_hex(8), self.flags)
+
+    def header(self) -> str:
+        return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
+
+
+@dataclass(frozen=True, slots=True)
+class LogContext:
+    """What log lines written while serving one request say about it."""
+
+    trace: TraceContext
+    request_id: str | None = None
+    agent_id: str | None = None
+
+
+current: ContextVar[LogContext | None] = ContextVar("mesh_log_context", default=None)
+
+
+def enter(
+    headers: Mapping[str, str], *, agent_id: str | None = None, request_id: str | None = None
+) -> TraceContext:
+    """Make this task's log context the request's; return this hop's span."""
+    trace = TraceContext.from_headers(headers)
+    current.set(LogContext(trace, request_id or headers.get(REQUEST_ID), agent_id))
+    return trace
+
+
+def outgoing() -> str | None:
+    """The ``traceparent`` for a message sent from here: a child of the current span."""
+    context = current.get()
+    return context.trace.child().header() if context is not None else None
