@@ -333,3 +333,39 @@ class AuthConfig:
             default_burst=_int(env, "MESH_RATE_BURST", default.default_burst),
             share_interval=_float(env, "MESH_RATE_SHARE_INTERVAL", default.share_interval),
         )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MonitorConfig:
+    """Settings of the monitor service (``mesh-monitor``).
+
+    Attributes:
+        interval: Seconds between evaluations of the alert rules.
+        rules_file: The alert rules (JSON); the sample rules when unset.
+        dedupe_window: Seconds within which an alert that fires again with a value
+            within 10% of the last one is held back as a duplicate.
+        escalation: Seconds after which an alert still firing is notified again, per
+            severity (absent: never).
+        ping_window: Seconds to wait for services to answer a health ping.
+    """
+
+    interval: float = 1.0
+    rules_file: str | None = None
+    dedupe_window: float = 300.0
+    escalation: Mapping[str, float] = field(
+        default_factory=lambda: {"critical": 300.0, "warning": 1800.0}
+    )
+    ping_window: float = 0.25
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> MonitorConfig:
+        default = cls()
+        return cls(
+            interval=_float(env, "MESH_MONITOR_INTERVAL", default.interval),
+            rules_file=env.get("MESH_ALERT_RULES") or None,
+            dedupe_window=_float(env, "MESH_ALERT_DEDUPE_WINDOW", default.dedupe_window),
+            escalation={
+                "critical": _float(env, "MESH_ESCALATE_CRITICAL", default.escalation["critical"]),
+                "warning": _float(env, "MESH_ESCALATE_WARNING", default.escalation["warning"]),
+            },
+        )
