@@ -1,19 +1,27 @@
-"""Readable tables of workers and agent types, for ``mesh workers`` / ``mesh agents``."""
+"""Readable tables for the CLI: workers, agent types, subscriptions, alerts, status."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from nats.aio.client import Client as NATS
 from rich.console import Console
 from rich.table import Table
 
 from mesh._control import control_request
+from mesh.alerts import Alert, Silence
+from mesh.errors import MeshError
+from mesh.handlers.monitor import AlertsReply, HealthReport
 from mesh.handlers.router import ListReply, ListRequest, SubscriptionReport
 from mesh.records import AgentTypeSummary, TypesReply, WorkerRecord, WorkersReply
 from mesh.subjects import Subjects
 
 TIMEOUT = 3.0
+T = TypeVar("T")
 
 
 async def fetch_workers(nc: NATS, subjects: Subjects) -> list[WorkerRecord]:
@@ -106,3 +114,89 @@ def subscriptions_table(reports: list[SubscriptionReport]) -> Table:
 
 def print_subscriptions(reports: list[SubscriptionReport], console: Console | None = None) -> None:
     (console or Console()).print(subscriptions_table(reports))
+
+
+def alerts_table(alerts: list[Alert], silences: list[Silence]) -> Table:
+    active = [a for a in alerts if a.state != "resolved"]
+    table = Table(title=f"{len(active)} alerts firing or silenced", title_justify="left")
+    for column in ("alert", "severity", "state", "value", "threshold", "since", "anomaly"):
+        table.add_column(column)
+    for a in active:
+        table.add_row(
+            a.id,
+            a.severity,
+            a.state,
+            f"{a.value:g}",
+            f"{a.threshold:g}",
+            a.fired_at.isoformat(timespec="seconds") if a.fired_at else "-",
+            "yes" if a.anomaly else "no",
+        )
+    for s in silences:
+        table.add_row(
+            f"{s.rule} (silence)", "-", "silenced", "-", "-", f"until {s.until:%H:%M}", "-"
+        )
+    return table
+
+
+def print_alerts(
+    alerts: list[Alert], silences: list[Silence], console: Console | None = None
+) -> None:
+    (console or Console()).print(alerts_table(alerts, silences))
+
+
+def health_table(report: HealthReport) -> Table:
+    table = Table(title=f"mesh is {report.status}", title_justify="left")
+    for column in ("component", "status", "detail"):
+        table.add_column(column)
+    for name, component in report.components.items():
+        color = {"ok": "green", "degraded": "yellow", "down": "red"}[component.status]
+        table.add_row(name, f"[{color}]{component.status}[/]", component.detail)
+    return table
+
+
+@dataclass
+class Status:
+    """What ``mesh status`` shows; parts that did not answer are None or empty."""
+
+    health: HealthReport | None
+    workers: list[WorkerRecord]
+    types: list[AgentTypeSummary]
+    alerts: AlertsReply | None
+
+
+async def fetch_status(nc: NATS, subjects: Subjects) -> Status:
+    async def optional(coro: Awaitable[T]) -> T | None:
+        try:
+            return await coro
+        except MeshError:
+            return None
+
+    health, workers, types, alerts = await asyncio.gather(
+        optional(
+            control_request(
+                nc, subjects.service("monitor", "health"), None, HealthReport, timeout=TIMEOUT
+            )
+        ),
+        optional(fetch_workers(nc, subjects)),
+        optional(fetch_types(nc, subjects)),
+        optional(
+            control_request(
+                nc, subjects.service("monitor", "alerts"), None, AlertsReply, timeout=TIMEOUT
+            )
+        ),
+    )
+    return Status(health, workers or [], types or [], alerts)
+
+
+def print_status(status: Status, *, clear: bool = False, console: Console | None = None) -> None:
+    console = console or Console()
+    if clear:
+        console.clear()
+    if status.health is None:
+        console.print("[red]no monitor answered: health unknown[/] (mesh serve monitor)")
+    else:
+        console.print(health_table(status.health))
+    console.print(workers_table(status.workers))
+    console.print(types_table(status.types))
+    if status.alerts is not None:
+        console.print(alerts_table(status.alerts.alerts, status.alerts.silences))

@@ -29,6 +29,7 @@ from mesh.config import (
     ConnectConfig,
     EventsConfig,
     GatewayConfig,
+    MonitorConfig,
     RegistryConfig,
     StateConfig,
     WorkerConfig,
@@ -40,7 +41,7 @@ from mesh.subjects import Subjects
 
 logger = logging.getLogger("mesh")
 
-SERVICES = ("registry", "state", "gateway", "router")
+SERVICES = ("registry", "state", "gateway", "router", "monitor")
 
 
 def run(coro: Coroutine[Any, Any, int]) -> int:
@@ -88,6 +89,7 @@ async def running_services(
 ) -> AsyncIterator[None]:
     """Run the named services on one connection for the duration of the block."""
     from mesh.handlers.gateway import Gateway
+    from mesh.handlers.monitor import Monitor
     from mesh.handlers.registry import Registry
     from mesh.handlers.router import Router
     from mesh.handlers.state import StateService
@@ -96,13 +98,13 @@ async def running_services(
     if unknown:
         raise BadRequestError(f"unknown services {unknown}; choose from {list(SERVICES)}")
     nc = await connect(connect_config, name=f"{subjects.prefix}-services")
-    started: list[Registry | StateService | Gateway | Router] = []
+    started: list[Registry | StateService | Gateway | Router | Monitor] = []
     try:
         registry_config = RegistryConfig.from_env()
         for name in SERVICES:  # registry first: gateways and workers need it
             if name not in names:
                 continue
-            service: Registry | StateService | Gateway | Router
+            service: Registry | StateService | Gateway | Router | Monitor
             if name == "registry":
                 service = Registry(nc, subjects, registry_config)
             elif name == "state":
@@ -115,8 +117,10 @@ async def running_services(
                     registry_config,
                     auth=AuthConfig.from_env(),
                 )
-            else:
+            elif name == "router":
                 service = Router(nc, subjects, EventsConfig.from_env())
+            else:
+                service = Monitor(nc, subjects, MonitorConfig.from_env(), registry_config)
             await service.start()
             started.append(service)
             if isinstance(service, Registry | Gateway) and not any(
@@ -382,6 +386,84 @@ async def cmd_clients(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_alerts(args: argparse.Namespace) -> int:
+    from mesh._tables import print_alerts
+    from mesh.alerts import Silence
+    from mesh.handlers.monitor import (
+        AlertsReply,
+        SilenceRequest,
+        UnsilenceReply,
+        UnsilenceRequest,
+    )
+
+    subjects = Subjects(args.prefix)
+    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
+    nc = await connect(connect_config, name="mesh-cli", reconnect=False)
+    try:
+        if args.action == "silence":
+            silence = await control_request(
+                nc,
+                subjects.service("monitor", "silence"),
+                SilenceRequest(
+                    rule=args.rule, seconds=parse_duration(args.duration), reason=args.reason
+                ),
+                Silence,
+                timeout=5,
+            )
+            assert silence is not None
+            print(f"{silence.rule} silenced until {silence.until.isoformat(timespec='seconds')}")
+        elif args.action == "unsilence":
+            removed = await control_request(
+                nc,
+                subjects.service("monitor", "unsilence"),
+                UnsilenceRequest(rule=args.rule),
+                UnsilenceReply,
+                timeout=5,
+            )
+            print("unsilenced" if removed and removed.removed else f"{args.rule} was not silenced")
+        else:
+            listed = await control_request(
+                nc, subjects.service("monitor", "alerts"), None, AlertsReply, timeout=5
+            )
+            assert listed is not None
+            print_alerts(listed.alerts, listed.silences)
+    finally:
+        await close_connection(nc)
+    return 0
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``2h``, ``1d`` as seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    scale = units.get(text[-1:])
+    number = text[:-1] if scale else text
+    try:
+        seconds = float(number) * (scale or 1)
+    except ValueError:
+        raise BadRequestError(f"{text!r} is not a duration like 90s, 30m or 2h") from None
+    if seconds <= 0:
+        raise BadRequestError("a duration must be positive")
+    return seconds
+
+
+async def cmd_status(args: argparse.Namespace) -> int:
+    from mesh._tables import fetch_status, print_status
+
+    subjects = Subjects(args.prefix)
+    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
+    nc = await connect(connect_config, name="mesh-cli", reconnect=False)
+    try:
+        while True:
+            status = await fetch_status(nc, subjects)
+            print_status(status, clear=args.watch)
+            if not args.watch:
+                return 0 if status.health is not None and status.health.status == "ok" else 1
+            await asyncio.sleep(args.interval)
+    finally:
+        await close_connection(nc)
+
+
 async def cmd_workers(args: argparse.Namespace) -> int:
     from mesh._tables import fetch_types, fetch_workers, print_types, print_workers
 
@@ -517,6 +599,18 @@ def build_parser() -> argparse.ArgumentParser:
     clients.add_argument("--rate", type=float, help="requests per second (default MESH_RATE_LIMIT)")
     clients.add_argument("--burst", type=int, help="requests at once beyond the rate")
     clients.add_argument("--description", default="")
+    alerts = commands.add_parser(
+        "alerts", help="alerts: list | silence RULE --for 30m | unsilence RULE"
+    )
+    alerts.add_argument(
+        "action", choices=("list", "silence", "unsilence"), nargs="?", default="list"
+    )
+    alerts.add_argument("rule", nargs="?", default="")
+    alerts.add_argument("--for", dest="duration", default="1h", help="how long to silence")
+    alerts.add_argument("--reason", default="")
+    status = commands.add_parser("status", help="health, workers, agent types and alerts")
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     commands.add_parser("workers", help="list live workers")
     commands.add_parser("agents", help="list agent types and their workers")
 
@@ -542,6 +636,8 @@ COMMANDS = {
     "subscriptions": cmd_subscriptions,
     "state": cmd_state,
     "clients": cmd_clients,
+    "alerts": cmd_alerts,
+    "status": cmd_status,
     "workers": cmd_workers,
     "agents": cmd_workers,
     "demo": cmd_demo,

@@ -269,3 +269,24 @@ async def test_clients_commands_add_list_and_revoke(nats_url: str, subjects: Sub
     assert out.strip() == "revoked shop"
     code, out, _ = await _mesh(nats_url, subjects, "clients", "list")
     assert out.strip() == ""
+
+
+async def test_status_and_alerts_commands(
+    nats_url: str, nc: NATS, subjects: Subjects, gateway: Gateway, state_service: StateService
+) -> None:
+    from mesh.handlers.monitor import Monitor
+
+    async with Monitor(nc, subjects):
+        code, out, _ = await _mesh(nats_url, subjects, "status")
+        assert code == 1  # no router: degraded
+        assert "mesh is degraded" in out and "router" in out and "0 live workers" in out
+        code, out, _ = await _mesh(
+            nats_url, subjects, "alerts", "silence", "no_live_workers", "--for", "30m"
+        )
+        assert code == 0 and out.startswith("no_live_workers silenced until ")
+        code, out, _ = await _mesh(nats_url, subjects, "alerts")
+        assert "no_live_workers (silence)" in out
+        code, out, err = await _mesh(nats_url, subjects, "alerts", "silence", "x", "--for", "soon")
+        assert code == 1 and "not a duration" in err
+        code, out, _ = await _mesh(nats_url, subjects, "alerts", "unsilence", "no_live_workers")
+        assert out.strip() == "unsilenced"

@@ -200,7 +200,8 @@ class Monitor(Lifecycle):
 
         async def count(msg: Msg) -> None:
             nonlocal answers
-            answers += 1
+            if msg.data:  # not the server's "no responders" status
+                answers += 1
 
         subscription = await self._nc.subscribe(inbox, cb=count)
         try:
@@ -349,7 +350,7 @@ class Monitor(Lifecycle):
     async def _publish(self, alert: Alert, event: str) -> None:
         body = alert.model_dump(mode="json")
         body["event"] = event
-        logger.warning("alert %s %s: %s = %s", alert.id, event, alert.rule, alert.value)
+        logger.info("alert %s %s: %s = %s", alert.id, event, alert.rule, alert.value)
         await self._nc.publish(
             self._subjects.alerts(alert.severity, alert.rule), orjson.dumps(body)
         )
