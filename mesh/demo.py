@@ -220,6 +220,45 @@ async def _tour(tour: _Tour, workers: dict[str, WorkerProcess]) -> None:
 
     await _events(tour)
     await _routing(tour)
+    await _watching(tour)
+
+
+async def _watching(tour: _Tour) -> None:
+    from mesh._tables import health_table
+    from mesh._trace import TraceContext
+    from mesh.handlers.monitor import HealthReport
+
+    tour.step(
+        "The mesh watches itself",
+        "The monitor reports each component's health (mesh status shows it too) and alerts"
+        " on mesh.alerts.<severity>.<rule>; a W3C traceparent ties a request's hops together.",
+    )
+    nc, subjects = tour.client.nc, tour.subjects
+
+    async def healthy() -> HealthReport | None:
+        report = await control_request(
+            nc, subjects.service("monitor", "health"), None, HealthReport, timeout=3
+        )
+        return report if report is not None and report.status == "ok" else None
+
+    report = await eventually(healthy, timeout=10, message="health ok")
+    tour.console.print(health_table(report))
+    tour.expect(report.status == "ok", "every component is ok")
+    caller = TraceContext.new()
+    reply = await nc.request(
+        subjects.rpc(AgentId("echo", "traced")),
+        b'{"text": "follow me"}',
+        timeout=5,
+        headers={"traceparent": caller.header()},
+    )
+    returned = TraceContext.parse((reply.headers or {}).get("traceparent"))
+    tour.console.print(f"  sent traceparent {caller.header()}")
+    tour.console.print(f"  reply traceparent {returned.header() if returned else None}")
+    tour.expect(
+        returned is not None and returned.trace_id == caller.trace_id,
+        f"the reply continues trace {caller.trace_id}; every log line written while serving"
+        " it carries it too",
+    )
 
 
 async def _ledger(tour: _Tour, agent: str) -> list[str]:
