@@ -8,13 +8,15 @@ context variables, which the log formatters read (`mesh._logging`).
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Final
 
+from mesh import _otel
 from mesh._wire import REQUEST_ID, TRACEPARENT
 
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
@@ -69,13 +71,32 @@ class LogContext:
 current: ContextVar[LogContext | None] = ContextVar("mesh_log_context", default=None)
 
 
-def enter(
-    headers: Mapping[str, str], *, agent_id: str | None = None, request_id: str | None = None
-) -> TraceContext:
-    """Make this task's log context the request's; return this hop's span."""
-    trace = TraceContext.from_headers(headers)
-    current.set(LogContext(trace, request_id or headers.get(REQUEST_ID), agent_id))
-    return trace
+@contextlib.contextmanager
+def hop(
+    name: str,
+    headers: Mapping[str, str],
+    *,
+    agent_id: str | None = None,
+    request_id: str | None = None,
+    server: bool = True,
+) -> Iterator[TraceContext]:
+    """One hop of the request's trace: its span (an OpenTelemetry span too, when that is
+    in use), and the log context of everything done meanwhile in this task."""
+    parent = TraceContext.parse(headers.get(TRACEPARENT))
+    parent_ids = (parent.trace_id, parent.span_id, parent.flags) if parent else None
+    attributes = {"mesh.request_id": request_id or headers.get(REQUEST_ID) or ""}
+    if agent_id is not None:
+        attributes["mesh.agent_type"] = agent_id.partition("/")[0]
+    with _otel.span(name, parent_ids, server=server, attributes=attributes) as ids:
+        if ids is not None:
+            trace = TraceContext(ids[0], ids[1], parent.flags if parent else "01")
+        else:
+            trace = parent.child() if parent is not None else TraceContext.new()
+        token = current.set(LogContext(trace, request_id or headers.get(REQUEST_ID), agent_id))
+        try:
+            yield trace
+        finally:
+            current.reset(token)
 
 
 def outgoing() -> str | None:

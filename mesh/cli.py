@@ -21,6 +21,7 @@ from mesh._conflicts import CONFLICT_POLICIES
 from mesh._connect import connect
 from mesh._control import control_request
 from mesh._logging import configure_logging
+from mesh._otel import configure_from_env as configure_tracing
 from mesh.agent import Agent
 from mesh.client import MeshClient
 from mesh.codec import JSON_CODEC, MSGPACK_CODEC
@@ -649,6 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     service = "+".join(args.services) if args.command == "serve" else args.command
     configure_logging(args.log_level, service, args.log_format)
+    configure_tracing(service)
     if args.metrics_port:
         metrics.serve_metrics(args.metrics_port)
     try:
@@ -667,6 +669,7 @@ def worker_main(agents: Sequence[type[Agent]], argv: Sequence[str] | None = None
     add_worker_options(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_level, "worker", args.log_format)
+    configure_tracing("worker")
     if args.metrics_port:
         metrics.serve_metrics(args.metrics_port)
     try:

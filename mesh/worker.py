@@ -34,7 +34,7 @@ from mesh._micro import MicroService, Reply
 from mesh._persistence import StateKeeper
 from mesh._placement import PlacementTable
 from mesh._state_store import StateStore
-from mesh._trace import enter
+from mesh._trace import hop
 from mesh._wire import (
     CONTENT_TYPE,
     MSG_TYPE,
@@ -491,29 +491,35 @@ class Worker(Lifecycle):
         request_id = headers.get(REQUEST_ID) or new_request_id()
         # This task serves this one request: its log lines and what the handler sends
         # carry the request's trace.
-        trace = enter(headers, agent_id=str(agent_id), request_id=request_id)
-        started = asyncio.get_running_loop().time()
-        failed = True
-        code = "200"
-        self._inflight += 1
-        metrics.WORKER_IN_FLIGHT.inc()
-        try:
-            body, reply_headers = await self._handle(agent_id, data, headers, request_id)
-            failed = False
-            return body, {**(reply_headers or {}), TRACEPARENT: trace.header()}
-        except MeshError as exc:
-            exc.request_id = request_id
-            code = str(int(exc.code))
-            # The caller's mistakes (4xx) say nothing about this worker's health.
-            failed = exc.code >= 500
-            raise
-        finally:
-            self._inflight -= 1
-            metrics.WORKER_IN_FLIGHT.dec()
-            elapsed = asyncio.get_running_loop().time() - started
-            self._load.record(elapsed, failed)
-            metrics.observe_handled(agent_id.type, code, elapsed)
-            logger.debug("%s answered %s in %.2f ms", agent_id, code, elapsed * 1e3)
+        with hop(
+            f"mesh handle {agent_id.type}",
+            headers,
+            agent_id=str(agent_id),
+            request_id=request_id,
+            server=TOPIC not in headers,
+        ) as trace:
+            started = asyncio.get_running_loop().time()
+            failed = True
+            code = "200"
+            self._inflight += 1
+            metrics.WORKER_IN_FLIGHT.inc()
+            try:
+                body, reply_headers = await self._handle(agent_id, data, headers, request_id)
+                failed = False
+                return body, {**(reply_headers or {}), TRACEPARENT: trace.header()}
+            except MeshError as exc:
+                exc.request_id = request_id
+                code = str(int(exc.code))
+                # The caller's mistakes (4xx) say nothing about this worker's health.
+                failed = exc.code >= 500
+                raise
+            finally:
+                self._inflight -= 1
+                metrics.WORKER_IN_FLIGHT.dec()
+                elapsed = asyncio.get_running_loop().time() - started
+                self._load.record(elapsed, failed)
+                metrics.observe_handled(agent_id.type, code, elapsed)
+                logger.debug("%s answered %s in %.2f ms", agent_id, code, elapsed * 1e3)
 
     async def _handle(
         self, agent_id: AgentId, data: bytes, headers: dict[str, str], request_id: str

@@ -50,7 +50,7 @@ from mesh._lifecycle import Lifecycle
 from mesh._micro import MicroService, Reply
 from mesh._placement import Placement, PlacementTable
 from mesh._ratelimit import SharedRateLimiter
-from mesh._trace import TraceContext, enter
+from mesh._trace import TraceContext, hop
 from mesh._wire import (
     CLIENT,
     FORWARDED_HEADERS,
@@ -279,23 +279,23 @@ class Gateway(Lifecycle):
     async def _forward(self, msg: Msg) -> Reply:
         headers = msg.headers or {}
         request_id = headers.get(REQUEST_ID) or new_request_id()
-        trace = enter(headers, request_id=request_id)
-        started = time.monotonic()
-        code = "200"
-        metrics.GATEWAY_IN_FLIGHT.inc()
-        try:
-            body, reply_headers = await self._forward_checked(msg, headers, request_id, trace)
-            code = (reply_headers or {}).get(SERVICE_ERROR_CODE, "200")
-            return body, reply_headers
-        except MeshError as exc:
-            exc.request_id = request_id
-            code = str(int(exc.code))
-            raise
-        finally:
-            metrics.GATEWAY_IN_FLIGHT.dec()
-            elapsed = time.monotonic() - started
-            metrics.observe_forwarded(self._type_label(msg.subject), code, elapsed)
-            logger.debug("%s answered %s in %.2f ms", msg.subject, code, elapsed * 1e3)
+        with hop("mesh gateway forward", headers, request_id=request_id) as trace:
+            started = time.monotonic()
+            code = "200"
+            metrics.GATEWAY_IN_FLIGHT.inc()
+            try:
+                body, reply_headers = await self._forward_checked(msg, headers, request_id, trace)
+                code = (reply_headers or {}).get(SERVICE_ERROR_CODE, "200")
+                return body, reply_headers
+            except MeshError as exc:
+                exc.request_id = request_id
+                code = str(int(exc.code))
+                raise
+            finally:
+                metrics.GATEWAY_IN_FLIGHT.dec()
+                elapsed = time.monotonic() - started
+                metrics.observe_forwarded(self._type_label(msg.subject), code, elapsed)
+                logger.debug("%s answered %s in %.2f ms", msg.subject, code, elapsed * 1e3)
 
     def _type_label(self, subject: str) -> str:
         """The agent type as a metric label: only registered types, so labels stay few."""
