@@ -167,3 +167,38 @@ async def _registered(nc: NATS, subjects: Subjects) -> bool:
     from tests.helpers import live_worker_ids
 
     return bool(await live_worker_ids(nc, subjects, "echo"))
+
+
+async def test_an_alert_that_stays_firing_is_escalated(
+    nc: NATS,
+    subjects: Subjects,
+    mesh_services: None,
+    spawn_worker: type,
+    config: MonitorConfig,
+    events: list[dict[str, Any]],
+) -> None:
+    from dataclasses import replace
+
+    async with Monitor(nc, subjects, replace(config, escalation={"critical": 0.5})) as monitor:
+        worker = spawn_worker("workers.echo:Echo", worker_id="short-lived")
+        await eventually(lambda: monitor.directory.live_workers("echo"), timeout=15)
+        worker.kill()
+        await eventually(lambda: _events(events, "escalated"), timeout=15)
+        escalated = _events(events, "escalated")[0]
+        assert escalated["escalations"] == 1 and len(_events(events, "firing")) == 1
+
+
+def test_anomalies_and_similar_values() -> None:
+    from mesh.alerts import RollingZ, load_rules, similar
+
+    scores = RollingZ()
+    assert [scores.add(v) for v in (10, 11, 9, 10, 11)] == [None] * 5  # too few to judge
+    steady = scores.add(10.5)
+    assert steady is not None and abs(steady) < 1
+    spike = scores.add(100)
+    assert spike is not None and spike > 3
+    assert similar(100, 109) and not similar(100, 120) and similar(0, 0)
+    with pytest.raises(ValueError, match="unique"):
+        load_rules(orjson.dumps([RULES[0], RULES[0]]).decode())
+    with pytest.raises(ValueError):
+        load_rules('[{"name": "_x", "figure": "cpu", "op": ">", "threshold": 1}]')
