@@ -27,5 +27,10 @@ lint:
 bench *ARGS:
     {{venv}}/bin/mesh bench {{ARGS}}
 
+# A 3-node NATS cluster from deploy/cluster (then MESH_REPLICAS=3 mesh serve ...).
+cluster:
+    mkdir -p data
+    for n in 1 2 3; do {{venv}}/bin/nats-server -c deploy/cluster/node-$n.conf & done; wait
+
 # Everything CI runs.
 check: lint test

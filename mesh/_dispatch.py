@@ -167,6 +167,7 @@ class EventDispatcher:
                     max_ack_pending=self._config.max_ack_pending,
                 ),
             )
+            await self._leader_elected()
             self._filters = filters  # only once the server has them: a failure is retried
         self.subscriptions = list(subscriptions)
         for sub in self.subscriptions:
@@ -185,6 +186,16 @@ class EventDispatcher:
             self._keepalive = asyncio.create_task(
                 self._keep_held_alive(), name=f"events-keepalive:{self.agent_type}"
             )
+
+    async def _leader_elected(self, timeout: float = 5.0) -> None:
+        """In a cluster, wait until the consumer has a leader: a consumer that delivers
+        new events only starts counting from there."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = await self._js.consumer_info(self._subjects.stream("events"), self.durable)
+            if info.cluster is None or info.cluster.leader:
+                return
+            await asyncio.sleep(0.05)
 
     def _room(self) -> int:
         return self._config.max_held - len(self._held)

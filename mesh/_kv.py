@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,15 @@ logger = logging.getLogger(__name__)
 EXPECTED_LAST_SUBJECT_SEQUENCE = "Nats-Expected-Last-Subject-Sequence"
 
 
+def deployment_replicas() -> int:
+    """Copies of each bucket and stream the deployment asks for: ``MESH_REPLICAS`` (1;
+    3 on a 3-node cluster)."""
+    raw = os.environ.get("MESH_REPLICAS") or "1"
+    if not raw.isdigit() or not 1 <= int(raw) <= 5:
+        raise ValueError(f"MESH_REPLICAS must be 1 to 5, not {raw!r}")
+    return int(raw)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BucketConfig:
     """How a mesh bucket is created when it does not exist yet."""
@@ -28,7 +38,8 @@ class BucketConfig:
     name: str
     description: str = ""
     history: int = 1
-    replicas: int = 1
+    #: Copies kept; None: the deployment's (`deployment_replicas`).
+    replicas: int | None = None
     #: Buckets whose keys carry a TTL need the server to leave markers when they lapse.
     marker_ttl: float | None = None
 
@@ -45,7 +56,7 @@ async def ensure_bucket(js: JetStreamContext, config: BucketConfig) -> KeyValue:
                 bucket=config.name,
                 description=config.description,
                 history=config.history,
-                replicas=config.replicas,
+                replicas=config.replicas or deployment_replicas(),
                 storage=StorageType.FILE,
                 direct=True,
                 limit_marker_ttl=config.marker_ttl,

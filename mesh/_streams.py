@@ -6,6 +6,7 @@ from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from mesh._kv import deployment_replicas
 from mesh.subjects import Subjects
 
 #: Nats-Msg-Id de-duplicates within this window.
@@ -38,6 +39,7 @@ async def ensure_event_streams(js: JetStreamContext, subjects: Subjects, retenti
             storage=StorageType.FILE,
             max_age=retention,
             duplicate_window=min(DUPLICATE_WINDOW, retention),
+            num_replicas=deployment_replicas(),
         ),
     )
     await ensure_stream(
@@ -49,5 +51,6 @@ async def ensure_event_streams(js: JetStreamContext, subjects: Subjects, retenti
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=retention,
+            num_replicas=deployment_replicas(),
         ),
     )

@@ -147,8 +147,32 @@ def nats_for(args: argparse.Namespace) -> Any:
     if args.nats:
         yield ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats})
         return
+    size = getattr(args, "cluster", None)
+    if size:
+        from mesh.cluster import NatsCluster
+
+        # Every bucket and stream on up to three nodes, as in a production cluster.
+        os.environ["MESH_REPLICAS"] = str(min(size, 3))
+        with NatsCluster(size, store_dir=getattr(args, "data_dir", None)) as cluster:
+            yield ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": cluster.urls})
+        return
     with NatsServer(store_dir=getattr(args, "data_dir", None)) as server:
         yield ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": server.url})
+
+
+async def jetstream_ready(connect_config: ConnectConfig, timeout: float = 30.0) -> None:
+    """Wait until JetStream answers (a new cluster first elects its meta leader)."""
+    nc = await connect(connect_config, name="mesh-up-probe", reconnect=False)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    await nc.jetstream().account_info()
+                    return
+                except Exception:
+                    await asyncio.sleep(0.2)
+    finally:
+        await close_connection(nc)
 
 
 async def close_connection(nc: Any) -> None:
@@ -167,6 +191,7 @@ async def close_connection(nc: Any) -> None:
 async def cmd_up(args: argparse.Namespace) -> int:
     with nats_for(args) as connect_config:
         subjects = Subjects(args.prefix)
+        await jetstream_ready(connect_config)
         async with running_services(connect_config, SERVICES, subjects):
             print(f"mesh is up on {connect_config.url} (prefix {subjects.prefix})", flush=True)
             print(f"  workers:  MESH_NATS_URL={connect_config.url} mesh worker MODULE:Class")
@@ -547,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="embedded NATS and every service, for development")
     up.add_argument("--data-dir", help="JetStream store (default: a temporary folder)")
+    up.add_argument(
+        "--cluster", type=int, metavar="N", help="embed an N-node NATS cluster instead (3)"
+    )
 
     serve = commands.add_parser("serve", help="run chosen services against a NATS server")
     serve.add_argument("services", nargs="+", choices=SERVICES)
