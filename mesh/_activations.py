@@ -81,6 +81,9 @@ class ActivationTable:
     def __len__(self) -> int:
         return len(self._active)
 
+    def active_ids(self) -> list[AgentId]:
+        return list(self._active)
+
     def counts_by_type(self, agent_types: list[str]) -> dict[str, int]:
         """Active instances of each of `agent_types`."""
         counts = dict.fromkeys(agent_types, 0)

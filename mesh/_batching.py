@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from mesh._wire import CONTENT_TYPE, TIMEOUT_MS, Deadline, error_from_reply
+from mesh._wire import CONTENT_TYPE, EPOCH, TIMEOUT_MS, Deadline, error_from_reply
 from mesh.codec import MSGPACK
 from mesh.errors import DeadlineExceededError, MeshError, NoWorkerAvailableError, error_class
 from mesh.handlers.gateway import Gateway
@@ -65,6 +65,7 @@ class DeliveryBatcher:
         placement = await self._gateway.placement_for(agent_id)
         worker_id = placement.worker_id
         headers[TIMEOUT_MS] = str(max(1, int(timeout * 1000)))
+        headers[EPOCH] = str(placement.revision)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         pending = self._pending.setdefault(worker_id, [])
         pending.append((agent_id, headers, data, done))

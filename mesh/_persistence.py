@@ -12,7 +12,13 @@ import logging
 from typing import TYPE_CHECKING
 
 from mesh._conflicts import canonical_json
-from mesh.errors import ConflictError, MeshError, NoWorkerAvailableError, StateNotFoundError
+from mesh.errors import (
+    ConflictError,
+    FencedError,
+    MeshError,
+    NoWorkerAvailableError,
+    StateNotFoundError,
+)
 from mesh.state import StateAccess
 
 if TYPE_CHECKING:
@@ -79,7 +85,11 @@ class StateKeeper:
                 expected_version=version,
                 policy=agent.conflict_policy,
                 writer=self._writer,
+                epoch=agent._epoch,
             )
+        except FencedError as exc:
+            agent._saved_as = (OVERTAKEN, saved)
+            raise FencedError(f"{exc.message}; this message's changes were not saved") from None
         except ConflictError as exc:
             agent._saved_as = (OVERTAKEN, saved)
             raise ConflictError(

@@ -100,6 +100,10 @@ class PlacementTable:
         """The placement as this process last saw it (no round trip)."""
         return self._cache.get(Subjects.agent_key(agent_id))
 
+    async def current(self, agent_id: AgentId) -> Placement | None:
+        """The placement as KV has it now (a round trip)."""
+        return await self._read(Subjects.agent_key(agent_id))
+
     async def _read(self, key: str) -> Placement | None:
         try:
             entry = await self.kv.get(key)

@@ -38,10 +38,12 @@ from mesh._conflicts import (
     state_checksum,
 )
 from mesh._kv import BucketConfig, ensure_bucket
+from mesh._placement import PlacementTable
 from mesh.config import StateConfig
 from mesh.errors import (
     BadRequestError,
     ConflictError,
+    FencedError,
     NoWorkerAvailableError,
     PayloadTooLargeError,
     StateCorruptError,
@@ -88,6 +90,7 @@ class StateStore:
         self._subjects = subjects
         self._config = config or StateConfig()
         self._kv: KeyValue | None = None
+        self._placements = PlacementTable(js, subjects, watch=False)
         # Agent key -> (revision, version) last written or read here: a write that
         # expects that version tries that revision first. Only a hint: CAS checks it.
         self._known: OrderedDict[str, tuple[int, int]] = OrderedDict()
@@ -97,6 +100,7 @@ class StateStore:
         if self._kv is None:
             bucket = state_bucket(self._subjects, self._config.history)
             self._kv = await ensure_bucket(self._js, bucket)
+            await self._placements.start()
 
     async def get(self, agent_id: AgentId, version: int | None = None) -> StateRecord:
         """The latest state, or `version` while it is kept.
@@ -123,12 +127,18 @@ class StateStore:
         expected_version: int | None = None,
         policy: ConflictPolicy = "reject",
         writer: str | None = None,
+        epoch: int | None = None,
     ) -> StatePutReply:
         """Save `state` as the agent's next version.
+
+        With `epoch` (a worker saving for its activation: the placement revision it was
+        placed under), the write is fenced: refused unless the agent's placement still
+        names `writer` at that revision, and unless no newer epoch has written.
 
         Raises:
             ConflictError: Another version than `expected_version` is saved, and the
                 policy did not resolve it.
+            FencedError: The writer is a stale owner.
             PayloadTooLargeError: The state is over the configured limit.
             BadRequestError: The state is not JSON.
         """
@@ -141,7 +151,18 @@ class StateStore:
                 f"the state of {agent_id} is {size} bytes, over the limit of"
                 f" {self._config.max_state_bytes}"
             )
-        return await self._write(agent_id, dict(state), expected_version, policy, writer)
+        if epoch is not None:
+            await self._check_owner(agent_id, writer, epoch)
+        return await self._write(agent_id, dict(state), expected_version, policy, writer, epoch)
+
+    async def _check_owner(self, agent_id: AgentId, writer: str | None, epoch: int) -> None:
+        placement = await self._placements.current(agent_id)
+        if placement is None or placement.worker_id != writer or placement.revision != epoch:
+            now = f"{placement.worker_id} at epoch {placement.revision}" if placement else "nobody"
+            metrics.STATE_CONFLICTS.labels(agent_id.type).inc()
+            raise FencedError(
+                f"{writer} wrote for {agent_id} at epoch {epoch}, but it is placed on {now}"
+            )
 
     async def history(self, agent_id: AgentId) -> list[StateVersion]:
         """The versions kept, oldest first; empty when nothing is saved."""
@@ -177,10 +198,11 @@ class StateStore:
         expected: int | None,
         policy: ConflictPolicy,
         writer: str | None,
+        epoch: int | None = None,
     ) -> StatePutReply:
         key = Subjects.agent_key(agent_id)
         known = self._known.get(key)
-        if known is not None and expected == known[1]:
+        if known is not None and expected == known[1] and epoch is None:
             # The common case: the writer expects what this process saw last.
             try:
                 return await self._store(key, agent_id, ours, writer, known, False)
@@ -189,6 +211,11 @@ class StateStore:
         for _ in range(MAX_WRITE_ROUNDS):
             saved = await self._read(agent_id)
             current = saved.record.version if saved else 0
+            if epoch is not None and saved is not None and (saved.record.epoch or 0) > epoch:
+                metrics.STATE_CONFLICTS.labels(agent_id.type).inc()
+                raise FencedError(
+                    f"{agent_id} was written at epoch {saved.record.epoch}, after {epoch}"
+                )
             state, merged = ours, False
             if expected is not None and expected != current:
                 if policy == "reject":
@@ -198,7 +225,7 @@ class StateStore:
                     merged = True
             position = (saved.revision, current) if saved else None
             try:
-                return await self._store(key, agent_id, state, writer, position, merged)
+                return await self._store(key, agent_id, state, writer, position, merged, epoch)
             except KeyWrongLastSequenceError:
                 continue  # another write landed in between: judge again against it
         raise NoWorkerAvailableError(
@@ -237,6 +264,7 @@ class StateStore:
         writer: str | None,
         position: tuple[int, int] | None,
         merged: bool,
+        epoch: int | None = None,
     ) -> StatePutReply:
         """Write the next version after `position` ((revision, version); None: absent)."""
         version = position[1] + 1 if position else 1
@@ -251,6 +279,7 @@ class StateStore:
                 "checksum": checksum,
                 "updated_at": now,
                 "writer": writer,
+                "epoch": epoch,
             }
         )
         kv = self._bucket()

@@ -28,6 +28,8 @@ AUTHORIZATION: Final = "Authorization"
 TRACEPARENT: Final = "traceparent"
 TRACESTATE: Final = "tracestate"
 RETRY_AFTER_MS: Final = "Retry-After-Ms"
+#: The placement revision the gateway forwarded under: the activation's epoch.
+EPOCH: Final = "Mesh-Placement-Epoch"
 #: The authenticated client a request came from, set by the gateway (never by callers).
 CLIENT: Final = "Mesh-Client"
 SERVICE_ERROR_CODE: Final = "Nats-Service-Error-Code"

@@ -226,6 +226,8 @@ class Agent:
         self._keeper: StateKeeper | None = None
         #: The saved version this instance holds, and the JSON it was saved as.
         self._saved_as: tuple[int, bytes] = (0, b"")
+        #: The placement revision this instance was (last) placed under; fences its saves.
+        self._epoch: int | None = None
         if self.state_model is not None:
             self.state = self.state_model()
 

@@ -13,6 +13,7 @@ The tree::
     ├── WorkerNotRegisteredError    404  a heartbeat from a worker the registry lost
     ├── StateNotFoundError          404  no saved state for the agent (or that version)
     ├── ConflictError               409  a state write lost to another (`current_version`)
+    │   └── FencedError             409  the writer no longer owns the agent's placement
     ├── PayloadTooLargeError        413
     ├── RateLimitedError            429
     ├── HandlerError                500  the agent's handler raised
@@ -154,6 +155,13 @@ class ConflictError(MeshError):
     ) -> None:
         super().__init__(message, request_id=request_id)
         self.current_version = current_version
+
+
+class FencedError(ConflictError):
+    """A worker wrote state for an agent whose placement has moved on (409): it is a
+    stale owner (paused, partitioned) and its write is refused."""
+
+    wire_type = "Fenced"
 
 
 class PayloadTooLargeError(MeshError):

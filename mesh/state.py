@@ -44,6 +44,9 @@ class StateRecord(BaseModel):
     checksum: str = Field(description="sha256:<hex> of the state's JSON with sorted keys")
     updated_at: datetime = Field(default_factory=utcnow)
     writer: str | None = Field(None, description="the worker or client that wrote it")
+    epoch: int | None = Field(
+        None, description="the placement revision its worker wrote under (workers only)"
+    )
 
     @property
     def agent_id(self) -> AgentId:
@@ -65,6 +68,9 @@ class StatePutRequest(BaseModel):
     )
     policy: ConflictPolicy = "reject"
     writer: str | None = None
+    epoch: int | None = Field(
+        None, ge=1, description="fence: refused unless the agent is placed on writer at it"
+    )
 
 
 class StatePutReply(BaseModel):
@@ -115,6 +121,7 @@ class StateAccess(Protocol):
         expected_version: int | None = None,
         policy: ConflictPolicy = "reject",
         writer: str | None = None,
+        epoch: int | None = None,
     ) -> StatePutReply: ...
 
 
@@ -150,8 +157,9 @@ class StateClient:
         expected_version: int | None = None,
         policy: ConflictPolicy = "reject",
         writer: str | None = None,
+        epoch: int | None = None,
     ) -> StatePutReply:
-        """Save `state` as the agent's next version.
+        """Save `state` as the agent's next version (fenced by `epoch`, see `StateStore`).
 
         Raises:
             ConflictError: Another version than `expected_version` is saved, and the
@@ -166,6 +174,7 @@ class StateClient:
             expected_version=expected_version,
             policy=policy,
             writer=writer,
+            epoch=epoch,
         )
         return await self._request("put", request, StatePutReply)
 

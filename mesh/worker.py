@@ -17,6 +17,7 @@ import re
 import secrets
 import signal
 import socket
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +38,7 @@ from mesh._state_store import StateStore
 from mesh._trace import hop
 from mesh._wire import (
     CONTENT_TYPE,
+    EPOCH,
     MSG_TYPE,
     REQUEST_ID,
     SENDER,
@@ -389,6 +391,8 @@ class Worker(Lifecycle):
             logger.warning("worker %s lost its registration; registering again", self.id)
             self._revision = None
             await self._register(CONTROL_TIMEOUT)
+            # Lapsed (paused, cut off): agents may have moved elsewhere meanwhile.
+            await self._drop_moved_agents()
             return
         assert reply is not None
         self._revision = reply.revision
@@ -417,12 +421,20 @@ class Worker(Lifecycle):
         logger.info("worker %s registered %d subscriptions", self.id, len(subscriptions))
 
     async def _heartbeat_loop(self) -> None:
+        # Past this long without a heartbeat going out, gateways count this worker
+        # gone and may have moved its agents (a pause, a stall, a partition).
+        lapse = LAPSE_HEARTBEATS * self._config.heartbeat_interval
+        last_sent = time.monotonic()
         while True:
             await asyncio.sleep(self._config.heartbeat_interval)
+            lapsed = time.monotonic() - last_sent > lapse
             try:
                 await self._send_heartbeat()
+                last_sent = time.monotonic()
             except (MeshError, TimeoutError) as exc:
                 logger.warning("worker %s heartbeat failed: %s", self.id, exc)
+            if lapsed:
+                await self._drop_moved_agents()
 
     async def _eviction_loop(self) -> None:
         while True:
@@ -548,7 +560,11 @@ class Worker(Lifecycle):
             topic=topic,
         )
 
+        epoch = _epoch_of(headers)
+
         async def work(agent: Agent) -> Any:
+            if epoch is not None and (agent._epoch is None or epoch > agent._epoch):
+                agent._epoch = epoch  # placed (again) on this worker at that revision
             return await spec.method(agent, message, ctx)
 
         deadline = asyncio.timeout(timeout)
@@ -588,6 +604,22 @@ class Worker(Lifecycle):
         )
         return HandlerError(f"{type(exc).__name__}: {exc}")
 
+    async def _drop_moved_agents(self) -> None:
+        """Deactivate agents whose placement now names another worker (or none)."""
+        for agent_id in self._activations.active_ids():
+            if self._classes[agent_id.type].stateless:
+                continue
+            try:
+                placement = await self._placements.current(agent_id)
+            except Exception as exc:
+                logger.warning("could not check the placement of %s: %s", agent_id, exc)
+                continue
+            if placement is None or placement.worker_id != self.id:
+                logger.warning(
+                    "%s moved to another worker while this one lapsed; dropping it", agent_id
+                )
+                await self._activations.deactivate(agent_id)
+
     async def _release_placement(self, agent_id: AgentId) -> None:
         """An agent left this worker: drop its placement, if it still names us."""
         if self._classes[agent_id.type].stateless:
@@ -620,3 +652,12 @@ async def run_worker(
     """Run a worker until SIGTERM or SIGINT, then drain and return."""
     worker = Worker(nc, agents, config, subjects)
     await worker.run(handle_signals=True)
+
+
+#: Heartbeat intervals without a heartbeat after which gateways count a worker gone.
+LAPSE_HEARTBEATS = 3
+
+
+def _epoch_of(headers: dict[str, str]) -> int | None:
+    raw = headers.get(EPOCH, "")
+    return int(raw) if raw.isascii() and raw.isdigit() else None

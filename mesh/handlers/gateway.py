@@ -53,6 +53,7 @@ from mesh._ratelimit import SharedRateLimiter
 from mesh._trace import TraceContext, hop
 from mesh._wire import (
     CLIENT,
+    EPOCH,
     FORWARDED_HEADERS,
     REQUEST_ID,
     SERVICE_ERROR_CODE,
@@ -356,6 +357,7 @@ class Gateway(Lifecycle):
         retried = False
         while True:
             placement = await self.placement_for(agent_id)
+            headers[EPOCH] = str(placement.revision)
             try:
                 return await self._forward_to_worker(
                     placement.worker_id, agent_id, data, headers, deadline

@@ -96,6 +96,7 @@ class StateService(Lifecycle):
             expected_version=request.expected_version,
             policy=request.policy,
             writer=request.writer,
+            epoch=request.epoch,
         )
         return model_reply(msg, saved)
 
