@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+import uuid
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -12,6 +15,7 @@ from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import PubAck
+from nats.js.errors import NotFoundError
 from pydantic import BaseModel
 
 from mesh import metrics
@@ -48,6 +52,10 @@ M = TypeVar("M", bound=BaseModel)
 REPLY_GRACE = 0.5
 #: How much longer than its handler's deadline a call made from the handler may wait.
 ENCLOSED_GRACE = 0.05
+#: Seconds one JetStream publish attempt waits for its acknowledgement before a retry.
+PUBLISH_ATTEMPT = 1.0
+#: Pause between publish attempts (a stream leader election takes seconds).
+PUBLISH_RETRY_PAUSE = 0.2
 
 
 def _remote(error: MeshError) -> MeshError:
@@ -270,40 +278,58 @@ class MeshClient:
             message_id: ``Nats-Msg-Id``: a second publish with the same id is dropped.
             sender: The publishing agent, for ``Mesh-Sender``.
             headers: Extra headers (``traceparent``...).
-            timeout: Seconds to wait for the stream's acknowledgement.
+            timeout: Seconds to wait for the stream's acknowledgement, retrying (with the
+                same ``Nats-Msg-Id``, so it is stored once) across a leader change.
 
         Raises:
             NoWorkerAvailableError: No stream stores events (no router has started).
             DeadlineExceededError: No acknowledgement in time.
         """
         event_headers = self._message_headers(message, message_type, sender, headers)
-        if message_id is not None:
-            event_headers[MSG_ID] = message_id
+        # Always an id, so that a retry after a lost acknowledgement is stored once.
+        event_headers[MSG_ID] = message_id or uuid.uuid4().hex
         if TRACEPARENT not in event_headers:
             event_headers[TRACEPARENT] = outgoing() or TraceContext.new().header()
+        subject = self._subjects.events(topic)
+        data = encode(message, self._codec)
+        deadline = time.monotonic() + timeout
+        while True:
+            attempt = max(0.05, min(PUBLISH_ATTEMPT, deadline - time.monotonic()))
+            try:
+                ack = await self._nc.jetstream().publish(
+                    subject, data, timeout=attempt, headers=event_headers
+                )
+                metrics.EVENTS_PUBLISHED.inc()
+                return ack
+            except NoRespondersError:
+                if not await self._events_stream_exists():
+                    raise _remote(
+                        NoWorkerAvailableError(f"no stream stores {self._subjects.events_all}")
+                    ) from None
+                why = "no stream leader answered"  # a leader change: try again
+            except (TimeoutError, NatsTimeoutError):
+                why = "no acknowledgement"
+            except MaxPayloadError as exc:
+                raise PayloadTooLargeError(
+                    f"the event is over the server's payload limit: {exc}"
+                ) from exc
+            except Exception as exc:
+                raise _remote(MeshConnectionError(f"publishing on {topic} failed: {exc}")) from exc
+            if time.monotonic() >= deadline:
+                raise _remote(
+                    DeadlineExceededError(f"{why} for {topic} within {timeout:g}s")
+                ) from None
+            await asyncio.sleep(min(PUBLISH_RETRY_PAUSE, max(0.0, deadline - time.monotonic())))
+
+    async def _events_stream_exists(self) -> bool:
+        """False only when JetStream says the events stream does not exist."""
         try:
-            ack = await self._nc.jetstream().publish(
-                self._subjects.events(topic),
-                encode(message, self._codec),
-                timeout=timeout,
-                headers=event_headers,
-            )
-            metrics.EVENTS_PUBLISHED.inc()
-            return ack
-        except NoRespondersError:
-            raise _remote(
-                NoWorkerAvailableError(f"no stream stores {self._subjects.events_all}")
-            ) from None
-        except (TimeoutError, NatsTimeoutError):
-            raise _remote(
-                DeadlineExceededError(f"no acknowledgement for {topic} within {timeout:g}s")
-            ) from None
-        except MaxPayloadError as exc:
-            raise PayloadTooLargeError(
-                f"the event is over the server's payload limit: {exc}"
-            ) from exc
-        except Exception as exc:
-            raise _remote(MeshConnectionError(f"publishing on {topic} failed: {exc}")) from exc
+            await self._nc.jetstream(timeout=1.0).stream_info(self._subjects.stream("events"))
+        except NotFoundError:
+            return False
+        except Exception:
+            return True  # no answer (a leader election): assume it is there
+        return True
 
     async def aclose(self) -> None:
         """Close the connection if this client opened it. Idempotent."""
