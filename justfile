@@ -32,5 +32,9 @@ cluster:
     mkdir -p data
     for n in 1 2 3; do {{venv}}/bin/nats-server -c deploy/cluster/node-$n.conf & done; wait
 
+# The chaos tests, ten times their CI size.
+chaos *ARGS:
+    MESH_CHAOS_SCALE=10 {{py}} -m pytest -m chaos -s --timeout 1800 {{ARGS}}
+
 # Everything CI runs.
 check: lint test

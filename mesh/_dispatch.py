@@ -8,9 +8,12 @@ placed activation), and acknowledged only after the handler succeeded: at least 
 
 Events of one source go through one lane, one at a time, in stream order; different
 sources run concurrently. A failed delivery is retried after a growing delay (a nak
-with delay), which lets later events of that source pass it; after the configured
-number of deliveries the event goes to ``mesh.dlq.<agent_type>`` with the error and
-its original headers, and is acknowledged.
+with delay, at most a minute), which lets later events of that source pass it. When
+the handler failed (500, 403, 409...), after the configured number of deliveries the
+event goes to ``mesh.dlq.<agent_type>`` with the error and its original headers, and
+is acknowledged; a malformed event (400, 413) goes there at once; and when the way
+there failed (503 no worker, 504, 429, 404 type not registered yet) it is retried
+until it gets through, however long the outage.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from mesh._wire import (
 )
 from mesh.client import MeshClient
 from mesh.config import EventsConfig
-from mesh.errors import InvalidIdError, MeshError
+from mesh.errors import ErrorCode, InvalidIdError, MeshError
 from mesh.ids import AgentId, TopicId
 from mesh.subjects import Subjects, escape_token
 from mesh.subscriptions import Subscription
@@ -51,6 +54,18 @@ ERROR = "Mesh-Error"
 SUBJECT = "Mesh-Subject"
 ERROR_CODE = "Mesh-Error-Code"
 DELIVERIES = "Mesh-Deliveries"
+#: Failures that no retry can fix: dead-lettered at once.
+PERMANENT = frozenset({ErrorCode.BAD_REQUEST, ErrorCode.PAYLOAD_TOO_LARGE})
+#: Failures of the way there, not of the handler (no worker now, no answer in time, a
+#: JetStream election, limits): retried without counting towards the dead letter.
+TRANSIENT = frozenset(
+    {
+        ErrorCode.UNAVAILABLE,
+        ErrorCode.DEADLINE_EXCEEDED,
+        ErrorCode.RATE_LIMITED,
+        ErrorCode.NOT_FOUND,
+    }
+)
 #: Headers of an event that travel with its delivery.
 EVENT_HEADERS = (CONTENT_TYPE, MSG_TYPE, SENDER, TRACEPARENT, TRACESTATE)
 
@@ -294,7 +309,9 @@ class EventDispatcher:
             )
         except MeshError as exc:
             deliveries = msg.metadata.num_delivered
-            if deliveries >= self._config.max_deliveries:
+            if exc.code in PERMANENT or (
+                exc.code not in TRANSIENT and deliveries >= self._config.max_deliveries
+            ):
                 await self._dead_letter(msg, exc)
             else:
                 metrics.EVENTS_RETRIED.labels(self.agent_type).inc()

@@ -27,6 +27,8 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 from nats.micro.service import (
     EndpointInfo,
     EndpointStats,
@@ -44,6 +46,13 @@ Reply = tuple[bytes, dict[str, str] | None]
 Handler = Callable[[Msg], Awaitable[Reply]]
 
 SRV_PREFIX = "$SRV"
+#: Failures of JetStream itself (no leader, no quorum, no answer): 503, not 500.
+JETSTREAM_UNAVAILABLE = (
+    NoStreamResponseError,
+    ServiceUnavailableError,
+    NatsTimeoutError,
+    TimeoutError,
+)
 #: Bound on handing over the messages the server sent before an unsubscribe.
 DRAIN_SUBSCRIPTION_TIMEOUT = 5.0
 
@@ -118,6 +127,16 @@ class _Endpoint:
                 body, headers = error_reply(shutting_down, msg.headers)
                 await self._respond(msg, body, headers)
                 raise
+            except JETSTREAM_UNAVAILABLE as exc:
+                # A leader election, a lost quorum: say so, and let the caller retry.
+                logger.warning(
+                    "endpoint %s.%s: JetStream unavailable: %r", self.service.name, self.name, exc
+                )
+                error: MeshError = NoWorkerAvailableError(
+                    f"JetStream is unavailable right now: {exc!r}"
+                )
+                self._count_error(error)
+                body, headers = error_reply(error, msg.headers)
             except Exception as exc:
                 logger.exception("endpoint %s.%s failed", self.service.name, self.name)
                 error = MeshError(f"internal error in {self.service.name}: {exc!r}")

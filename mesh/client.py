@@ -15,7 +15,7 @@ from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import PubAck
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoStreamResponseError, NotFoundError
 from pydantic import BaseModel
 
 from mesh import metrics
@@ -301,7 +301,7 @@ class MeshClient:
                 )
                 metrics.EVENTS_PUBLISHED.inc()
                 return ack
-            except NoRespondersError:
+            except (NoRespondersError, NoStreamResponseError):
                 if not await self._events_stream_exists():
                     raise _remote(
                         NoWorkerAvailableError(f"no stream stores {self._subjects.events_all}")

@@ -173,10 +173,16 @@ class NatsServer:
             self._tmp = None
 
     def kill(self) -> None:
-        """SIGKILL the server (for fault tests), keeping its store."""
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
+        """SIGKILL the server (for fault tests), keeping its store; `start` brings it back."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        if self._reader is not None:
+            self._reader.join(timeout=2)
+            self._reader = None
+        if process is not None and process.stderr is not None:
+            process.stderr.close()
 
     def __enter__(self) -> NatsServer:
         return self.start()

@@ -423,13 +423,15 @@ async def test_a_failed_consumer_update_is_tried_again(
 async def test_backlog_longer_than_ack_wait_is_neither_duplicated_nor_reordered(
     nc: NATS, subjects: Subjects, gateway: Gateway, spawn_worker: type, handled: Counter[str]
 ) -> None:
-    config = EventsConfig(ack_wait=1.5, handler_timeout=1.0, retry_delay=0.05)
+    # 12 events x 0.3 s, one source: well past ack_wait; the handler timeout leaves room
+    # for a loaded machine.
+    config = EventsConfig(ack_wait=2.5, handler_timeout=2.0, retry_delay=0.05)
     async with Router(nc, subjects, config) as router:
         spawn_worker("tests.agents:SlowLedger", worker_id="slow")
         await eventually(lambda: router.dispatcher("slow-ledger") is not None, timeout=15)
         await eventually(lambda: gateway.directory.live_workers("slow-ledger"), timeout=15)
         client = MeshClient(nc, subjects=subjects)
-        for n in range(12):  # 12 x 0.3 s, one source: well past ack_wait
+        for n in range(12):
             await client.publish(TopicId("slow.orders", "one"), {"n": n}, message_type="OrderEvent")
         await eventually(lambda: len(handled) == 12, timeout=20)
         log = await _log(client, "slow-ledger", "one")

@@ -1,0 +1,230 @@
+"""Faults while work goes on, every operation's outcome counted, Jepsen-style.
+
+Sizes are bounded for CI; ``just chaos`` (MESH_CHAOS_SCALE=10) runs them longer.
+Each test prints its counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from mesh import AgentId, MeshClient, MeshError, TopicId
+from mesh._state_store import StateStore
+from mesh.cluster import NatsCluster
+from mesh.config import EventsConfig, StateConfig
+from mesh.errors import ConflictError, StateNotFoundError
+from mesh.handlers.gateway import Gateway
+from mesh.handlers.registry import Registry
+from mesh.handlers.router import Router
+from mesh.subjects import Subjects
+from mesh.testing import WorkerProcess, eventually
+from tests.conftest import REPO
+
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
+SCALE = int(os.environ.get("MESH_CHAOS_SCALE") or 1)
+#: Pause between one worker's operations, so that the work spans several faults.
+PACE = 0.08
+
+
+@dataclass
+class Tally:
+    """Each operation's outcome: ok (acknowledged), failed (refused), unknown."""
+
+    outcomes: Counter[str] = field(default_factory=Counter)
+
+    def __str__(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items()))
+
+
+@pytest.fixture
+async def cluster(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[NatsCluster]:
+    monkeypatch.setenv("MESH_REPLICAS", "3")
+    nodes = NatsCluster(3)
+    await asyncio.to_thread(nodes.start)
+    try:
+        yield nodes
+    finally:
+        await asyncio.to_thread(nodes.stop)
+
+
+async def _connect(cluster: NatsCluster) -> NATS:
+    nc = await nats.connect(
+        servers=cluster.urls.split(","), max_reconnect_attempts=-1, reconnect_time_wait=0.2
+    )
+    await eventually(lambda: nc.jetstream().account_info(), timeout=30, message="JetStream")
+    return nc
+
+
+async def _kill_nodes(cluster: NatsCluster, stop: asyncio.Event, kills: Counter[str]) -> None:
+    """SIGKILL a random node every couple of seconds and bring it back."""
+    rng = random.Random(7)
+    await asyncio.sleep(0.5)
+    while not stop.is_set():
+        node = rng.choice(cluster.nodes)
+        await asyncio.to_thread(node.kill)
+        kills["node kills"] += 1
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(node.start)
+        await asyncio.sleep(1.5)
+
+
+async def test_events_no_acknowledged_event_is_lost_while_nodes_die(cluster: NatsCluster) -> None:
+    nc = await _connect(cluster)
+    subjects = Subjects("chaosev")
+    config = EventsConfig(retry_delay=0.1, handler_timeout=5.0, ack_wait=10.0)
+    tally, kills = Tally(), Counter[str]()
+    async with (
+        Registry(nc, subjects),
+        Gateway(nc, subjects) as gateway,
+        Router(nc, subjects, config) as router,
+    ):
+        worker = WorkerProcess(
+            cluster.urls,
+            ["tests.agents:Ledger"],
+            worker_id="chaos-ledger",
+            heartbeat_interval=0.5,
+            prefix=subjects.prefix,
+            env={"PYTHONPATH": str(REPO), "MESH_REPLICAS": "3"},
+        ).start()
+        try:
+            await eventually(lambda: gateway.directory.live_workers("ledger"), timeout=30)
+            await eventually(
+                lambda: (d := router.dispatcher("ledger")) is not None and d.subscriptions,
+                timeout=30,
+            )
+            client = MeshClient(nc, subjects=subjects)
+            count, sources = 300 * SCALE, 10
+            acked: set[int] = set()
+            queue = list(range(count))
+
+            async def publisher() -> None:
+                while queue:
+                    n = queue.pop()
+                    topic = TopicId("orders.created", f"s{n % sources}")
+                    try:
+                        await client.publish(
+                            topic, {"n": n}, message_type="OrderEvent", timeout=15,
+                            message_id=f"ev-{n}",
+                        )  # fmt: skip
+                        acked.add(n)
+                        tally.outcomes["ok"] += 1
+                    except MeshError:
+                        tally.outcomes["unknown"] += 1  # maybe stored, maybe not
+                    await asyncio.sleep(PACE)  # spread over the faults
+
+            stop = asyncio.Event()
+            chaos = asyncio.create_task(_kill_nodes(cluster, stop, kills))
+            await asyncio.gather(*(publisher() for _ in range(4)))
+            stop.set()
+            await chaos
+            handled: Counter[int] = Counter()
+
+            async def all_handled() -> bool:
+                handled.clear()
+                for s in range(sources):
+                    log = await client.call(
+                        AgentId("ledger", f"s{s}"), {}, message_type="GetLog", timeout=5
+                    )
+                    handled.update(log["seen"])
+                return acked <= set(handled)
+
+            await eventually(all_handled, timeout=120, interval=1.0, message="every event handled")
+            lost = acked - set(handled)
+            duplicated = sum(c - 1 for c in handled.values() if c > 1)
+            print(
+                f"\nevents: {count} published ({tally}), {kills['node kills']} node kills;"
+                f" lost {len(lost)}, handled {len(set(handled))}, redelivered {duplicated}"
+            )
+            assert kills["node kills"] >= 1
+            assert not lost
+            assert set(handled) <= set(range(count))
+        finally:
+            await worker.aclose()
+    await nc.close()
+
+
+async def test_state_cas_increments_equal_acknowledged_ones_while_nodes_die(
+    cluster: NatsCluster,
+) -> None:
+    nc = await _connect(cluster)
+    subjects = Subjects("chaosst")
+    store = StateStore(nc.jetstream(), subjects, StateConfig())
+    await eventually(lambda: _started(store), timeout=30)
+    counters = [AgentId("counter", f"c{i}") for i in range(10)]
+    per_client = 10 * SCALE
+    tally, kills = Tally(), Counter[str]()
+    acknowledged: Counter[AgentId] = Counter()
+
+    async def client(c: int) -> None:
+        rng = random.Random(c)
+        for _ in range(per_client):
+            agent = rng.choice(counters)
+            op = uuid.uuid4().hex[:12]
+            while True:  # read-modify-write until it lands or is known to have landed
+                try:
+                    try:
+                        record = await store.get(agent)
+                        value, version = record.state["value"], record.version
+                        ops = record.state["ops"]
+                    except StateNotFoundError:
+                        value, version, ops = 0, 0, []
+                    await store.put(
+                        agent,
+                        {"value": value + 1, "ops": [*ops, op][-64:]},
+                        expected_version=version,
+                    )
+                    acknowledged[agent] += 1
+                    tally.outcomes["ok"] += 1
+                    await asyncio.sleep(PACE * 8)  # spread over the faults
+                    break
+                except ConflictError:
+                    tally.outcomes["conflict, retried"] += 1
+                except Exception:
+                    # Unknown: it may have landed. Look, once the cluster answers again.
+                    tally.outcomes["unknown"] += 1
+                    if await _landed(store, agent, op):
+                        acknowledged[agent] += 1
+                        tally.outcomes["unknown, found landed"] += 1
+                        break
+                    await asyncio.sleep(0.2)
+
+    stop = asyncio.Event()
+    chaos = asyncio.create_task(_kill_nodes(cluster, stop, kills))
+    await asyncio.gather(*(client(c) for c in range(32)))
+    stop.set()
+    await chaos
+    finals = {a: (await store.get(a)).state["value"] for a in counters if acknowledged[a]}
+    print(
+        f"\nstate: {32 * per_client} increments ({tally}), {kills['node kills']} node kills;"
+        f" counters {sum(finals.values())}, acknowledged {sum(acknowledged.values())}"
+    )
+    assert finals == {a: acknowledged[a] for a in counters if acknowledged[a]}
+    await nc.close()
+
+
+async def _started(store: StateStore) -> bool:
+    await store.start()
+    return True
+
+
+async def _landed(store: StateStore, agent: AgentId, op: str) -> bool:
+    for _ in range(100):
+        try:
+            record = await store.get(agent)
+        except StateNotFoundError:
+            return False
+        except Exception:
+            await asyncio.sleep(0.2)
+            continue
+        return op in record.state["ops"]
+    raise AssertionError(f"{agent} never became readable again")
