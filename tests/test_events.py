@@ -205,6 +205,22 @@ async def test_event_whose_handler_keeps_failing_goes_to_the_dlq(
     await dlq.unsubscribe()
 
 
+async def test_a_malformed_event_is_dead_lettered_at_once(
+    nc: NATS,
+    subjects: Subjects,
+    router: Router,
+    client: MeshClient,
+) -> None:
+    js = nc.jetstream()
+    dlq = await js.subscribe(subjects.dlq("fragile"), stream=subjects.stream("dlq"))
+    await client.publish(TopicId("poison", "p2"), {"n": "not a number"}, message_type="OrderEvent")
+    dead = await dlq.next_msg(timeout=10)
+    assert dead.headers is not None
+    assert dead.headers["Mesh-Error-Code"] == "400"
+    assert dead.headers["Mesh-Deliveries"] == "1"  # no retry can fix it
+    await dlq.unsubscribe()
+
+
 async def test_dynamic_subscription_stops_delivering_after_its_ttl(
     nc: NATS,
     subjects: Subjects,
