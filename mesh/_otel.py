@@ -30,12 +30,24 @@ except ImportError:  # the otel extra is not installed
     ot = None  # type: ignore[assignment]
 
 
+_available: bool | None = None
+
+
 def available() -> bool:
-    """Whether spans would go anywhere: OpenTelemetry installed and a real provider set."""
-    if ot is None:
-        return False
-    provider = ot.get_tracer_provider()
-    return type(provider).__name__ not in ("ProxyTracerProvider", "NoOpTracerProvider")
+    """Whether spans would go anywhere: OpenTelemetry installed and a real provider set.
+
+    Decided at the first hop of the process (set the provider before serving)."""
+    global _available
+    if _available is None:
+        if ot is None:
+            _available = False
+        else:
+            provider = ot.get_tracer_provider()
+            _available = type(provider).__name__ not in (
+                "ProxyTracerProvider",
+                "NoOpTracerProvider",
+            )
+    return _available
 
 
 @contextlib.contextmanager

@@ -9,8 +9,8 @@ context variables, which the log formatters read (`mesh._logging`).
 from __future__ import annotations
 
 import contextlib
+import random
 import re
-import secrets
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from mesh._wire import REQUEST_ID, TRACEPARENT
 _TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _ZERO_TRACE: Final = "0" * 32
 _ZERO_SPAN: Final = "0" * 16
+_ids = random.Random()
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +35,8 @@ class TraceContext:
 
     @classmethod
     def new(cls) -> TraceContext:
-        return cls(secrets.token_hex(16), secrets.token_hex(8))
+        # Ids need to be unique, not secret: the fast generator will do.
+        return cls(f"{_ids.getrandbits(128) or 1:032x}", f"{_ids.getrandbits(64) or 1:016x}")
 
     @classmethod
     def parse(cls, value: str | None) -> TraceContext | None:
@@ -53,7 +55,7 @@ class TraceContext:
         return parent.child() if parent is not None else cls.new()
 
     def child(self) -> TraceContext:
-        return TraceContext(self.trace_id, secrets.token_hex(8), self.flags)
+        return TraceContext(self.trace_id, f"{_ids.getrandbits(64) or 1:016x}", self.flags)
 
     def header(self) -> str:
         return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
@@ -83,16 +85,23 @@ def hop(
     """One hop of the request's trace: its span (an OpenTelemetry span too, when that is
     in use), and the log context of everything done meanwhile in this task."""
     parent = TraceContext.parse(headers.get(TRACEPARENT))
+    request_id = request_id or headers.get(REQUEST_ID)
+    if not _otel.available():  # the common case, kept cheap: it runs for every message
+        trace = parent.child() if parent is not None else TraceContext.new()
+        token = current.set(LogContext(trace, request_id, agent_id))
+        try:
+            yield trace
+        finally:
+            current.reset(token)
+        return
     parent_ids = (parent.trace_id, parent.span_id, parent.flags) if parent else None
-    attributes = {"mesh.request_id": request_id or headers.get(REQUEST_ID) or ""}
+    attributes = {"mesh.request_id": request_id or ""}
     if agent_id is not None:
         attributes["mesh.agent_type"] = agent_id.partition("/")[0]
     with _otel.span(name, parent_ids, server=server, attributes=attributes) as ids:
-        if ids is not None:
-            trace = TraceContext(ids[0], ids[1], parent.flags if parent else "01")
-        else:
-            trace = parent.child() if parent is not None else TraceContext.new()
-        token = current.set(LogContext(trace, request_id or headers.get(REQUEST_ID), agent_id))
+        assert ids is not None
+        trace = TraceContext(ids[0], ids[1], parent.flags if parent else "01")
+        token = current.set(LogContext(trace, request_id, agent_id))
         try:
             yield trace
         finally:
