@@ -160,6 +160,17 @@ def nats_for(args: argparse.Namespace) -> Any:
         yield ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": server.url})
 
 
+@contextlib.asynccontextmanager
+async def cli_connection(args: argparse.Namespace) -> AsyncIterator[Any]:
+    """A short-lived connection for one CLI command (``--nats``, else ``MESH_NATS_URL``)."""
+    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
+    nc = await connect(connect_config, name="mesh-cli", reconnect=False)
+    try:
+        yield nc
+    finally:
+        await close_connection(nc)
+
+
 async def jetstream_ready(connect_config: ConnectConfig, timeout: float = 30.0) -> None:
     """Wait until JetStream answers (a new cluster first elects its meta leader)."""
     nc = await connect(connect_config, name="mesh-up-probe", reconnect=False)
@@ -281,14 +292,10 @@ async def cmd_publish(args: argparse.Namespace) -> int:
 async def cmd_subscriptions(args: argparse.Namespace) -> int:
     from mesh._tables import fetch_subscriptions, print_subscriptions
 
-    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
-    nc = await connect(connect_config, name="mesh-cli", reconnect=False)
-    try:
+    async with cli_connection(args) as nc:
         print_subscriptions(
             await fetch_subscriptions(nc, Subjects(args.prefix), never_matched=args.never_matched)
         )
-    finally:
-        await close_connection(nc)
     return 0
 
 
@@ -297,9 +304,7 @@ async def cmd_routes(args: argparse.Namespace) -> int:
     from mesh.routing import RouteRule, RoutingDecision, load_rules
 
     subjects = Subjects(args.prefix)
-    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
-    nc = await connect(connect_config, name="mesh-cli", reconnect=False)
-    try:
+    async with cli_connection(args) as nc:
         if args.action == "load":
             try:
                 text = await asyncio.to_thread(Path(args.arg).read_text)
@@ -337,8 +342,6 @@ async def cmd_routes(args: argparse.Namespace) -> int:
             for rule in listed.rules if listed else []:
                 what = f"/{rule.pattern}/" if rule.pattern else f"sender {rule.sender_type}"
                 print(f"{rule.id:16} -> {rule.target:14} {rule.confidence:.2f}  {what}")
-    finally:
-        await close_connection(nc)
     return 0
 
 
@@ -346,9 +349,7 @@ async def cmd_state(args: argparse.Namespace) -> int:
     from mesh.state import StateClient
 
     agent_id = AgentId.parse(args.agent)
-    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
-    nc = await connect(connect_config, name="mesh-cli", reconnect=False)
-    try:
+    async with cli_connection(args) as nc:
         store = StateClient(nc, Subjects(args.prefix))
         if args.action == "get":
             record = await store.get(agent_id, version=args.version)
@@ -374,17 +375,13 @@ async def cmd_state(args: argparse.Namespace) -> int:
         else:
             deleted = await store.delete(agent_id, expected_version=args.expected_version)
             print(f"deleted the state of {agent_id}" if deleted else f"{agent_id} had no state")
-    finally:
-        await close_connection(nc)
     return 0
 
 
 async def cmd_clients(args: argparse.Namespace) -> int:
     from mesh.clients import ClientRegistry
 
-    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
-    nc = await connect(connect_config, name="mesh-cli", reconnect=False)
-    try:
+    async with cli_connection(args) as nc:
         registry = ClientRegistry(nc.jetstream(), Subjects(args.prefix))
         if args.action == "add":
             if not args.client:
@@ -407,8 +404,6 @@ async def cmd_clients(args: argparse.Namespace) -> int:
                 rate = f"{record.rate:g}/s" if record.rate else "default rate"
                 patterns = ",".join(record.agent_types)
                 print(f"{record.id:20} {patterns:30} {rate:14} {record.description}")
-    finally:
-        await close_connection(nc)
     return 0
 
 
@@ -423,9 +418,7 @@ async def cmd_alerts(args: argparse.Namespace) -> int:
     )
 
     subjects = Subjects(args.prefix)
-    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
-    nc = await connect(connect_config, name="mesh-cli", reconnect=False)
-    try:
+    async with cli_connection(args) as nc:
         if args.action == "silence":
             silence = await control_request(
                 nc,
@@ -453,8 +446,6 @@ async def cmd_alerts(args: argparse.Namespace) -> int:
             )
             assert listed is not None
             print_alerts(listed.alerts, listed.silences)
-    finally:
-        await close_connection(nc)
     return 0
 
 
@@ -477,32 +468,24 @@ async def cmd_status(args: argparse.Namespace) -> int:
     from mesh._tables import fetch_status, print_status
 
     subjects = Subjects(args.prefix)
-    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
-    nc = await connect(connect_config, name="mesh-cli", reconnect=False)
-    try:
+    async with cli_connection(args) as nc:
         while True:
             status = await fetch_status(nc, subjects)
             print_status(status, clear=args.watch)
             if not args.watch:
                 return 0 if status.health is not None and status.health.status == "ok" else 1
             await asyncio.sleep(args.interval)
-    finally:
-        await close_connection(nc)
 
 
 async def cmd_workers(args: argparse.Namespace) -> int:
     from mesh._tables import fetch_types, fetch_workers, print_types, print_workers
 
-    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
-    nc = await connect(connect_config, name="mesh-cli", reconnect=False)
-    try:
+    async with cli_connection(args) as nc:
         subjects = Subjects(args.prefix)
         if args.command == "workers":
             print_workers(await fetch_workers(nc, subjects))
         else:
             print_types(await fetch_types(nc, subjects))
-    finally:
-        await nc.drain()
     return 0
 
 
