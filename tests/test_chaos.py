@@ -228,3 +228,70 @@ async def _landed(store: StateStore, agent: AgentId, op: str) -> bool:
             continue
         return op in record.state["ops"]
     raise AssertionError(f"{agent} never became readable again")
+
+
+async def test_rpc_every_call_is_answered_by_its_deadline_while_workers_die(
+    nats_url: str, nc: NATS, subjects: Subjects, gateway: Gateway, spawn_worker: type
+) -> None:
+    from mesh.testing import WorkerProcess as _Worker
+
+    agents = ("workers.echo:Echo", "workers.counter:Counter")
+    workers: dict[str, _Worker] = {
+        name: spawn_worker(*agents, worker_id=name) for name in ("rpc-a", "rpc-b")
+    }
+    await eventually(lambda: len(gateway.directory.live_workers("counter")) == 2, timeout=20)
+    client = MeshClient(nc, subjects=subjects)
+    tally, kills = Tally(), Counter[str]()
+    deadline, late = 2.0, []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    async def caller(c: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            token = f"{c}-{n}"
+            placed = n % 2 == 0
+            started = loop.time()
+            try:
+                if placed:
+                    key = f"k{c % 8}"
+                    reply = await client.call(
+                        AgentId("counter", key), {"by": 1}, message_type="Increment",
+                        timeout=deadline,
+                    )  # fmt: skip
+                    assert reply["key"] == key, (reply, key)  # never someone else's reply
+                else:
+                    reply = await client.call(
+                        AgentId("echo", token), {"text": token}, timeout=deadline
+                    )
+                    assert reply["text"] == token, (reply, token)
+                tally.outcomes["ok"] += 1
+            except MeshError as exc:
+                tally.outcomes[f"{int(exc.code)}"] += 1
+            took = loop.time() - started
+            if took > deadline + 1.0:
+                late.append(took)
+
+    async def chaos() -> None:
+        rng = random.Random(11)
+        for _ in range(3 * SCALE):
+            await asyncio.sleep(1.5)
+            name = rng.choice(sorted(workers))
+            workers[name].kill()
+            kills["worker kills"] += 1
+            await asyncio.sleep(0.5)
+            workers[name] = spawn_worker(*agents, worker_id=name)
+        await asyncio.sleep(1.5)
+        stop.set()
+
+    await asyncio.gather(chaos(), *(caller(c) for c in range(8)))
+    total = sum(tally.outcomes.values())
+    errors = total - tally.outcomes["ok"]
+    print(
+        f"\nrpc: {total} calls ({tally}), {kills['worker kills']} worker kills;"
+        f" error rate {errors / total:.1%}, answered late {len(late)}"
+    )
+    assert not late, late
+    assert set(tally.outcomes) <= {"ok", "503", "504"}, tally
+    assert tally.outcomes["ok"] > total / 2
