@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from mesh.agent import Agent
+from mesh.errors import NoWorkerAvailableError
 from mesh.ids import AgentId
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class ActivationTable:
         client: Given to agents so that they can send to other agents.
         on_deactivated: Awaited after an agent's ``on_deactivate``, before a new
             instance of it may start (the worker releases its placement there).
+        mailbox_limit: Messages one agent may have running or waiting; more get 503.
         keeper: Loads saved state into new instances of persistent agent types and
             saves it after each message. A message whose changes could not be saved
             (or whose handler failed after changing the state) retires the instance,
@@ -68,8 +70,10 @@ class ActivationTable:
         client: MeshClient | None = None,
         on_deactivated: Callable[[AgentId], Awaitable[None]] | None = None,
         keeper: StateKeeper | None = None,
+        mailbox_limit: int | None = None,
     ) -> None:
         self._classes = agent_classes
+        self._mailbox_limit = mailbox_limit
         self._client = client
         self._on_deactivated = on_deactivated
         self._keeper = keeper
@@ -137,6 +141,12 @@ class ActivationTable:
         """Run `work` on the agent's instance, alone in its mailbox."""
         while True:
             activation = await self._activation(agent_id)
+            limit = self._mailbox_limit
+            if limit is not None and activation.pending >= limit and not activation.agent.stateless:
+                raise NoWorkerAvailableError(
+                    f"{agent_id} has {activation.pending} messages running or waiting,"
+                    f" its limit; try again later"
+                )
             activation.pending += 1
             try:
                 if activation.agent.stateless:

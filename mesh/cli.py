@@ -228,6 +228,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         drain_timeout=args.drain_timeout or base.drain_timeout,
         idle_timeout=args.idle_timeout or base.idle_timeout,
         register_timeout=base.register_timeout,
+        mailbox_limit=base.mailbox_limit,
     )
 
 

@@ -158,6 +158,8 @@ class WorkerConfig:
         drain_timeout: On shutdown, how long in-flight requests may run before cancellation.
         idle_timeout: An activation unused this long is deactivated.
         register_timeout: How long to keep trying to reach a registry at start.
+        mailbox_limit: Messages one agent may have running or waiting; more are answered
+            503 at once, so that a hot agent cannot take the worker's memory or slots.
     """
 
     worker_id: str | None = None
@@ -167,6 +169,7 @@ class WorkerConfig:
     drain_timeout: float = 30.0
     idle_timeout: float = 600.0
     register_timeout: float = 30.0
+    mailbox_limit: int = 256
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WorkerConfig:
@@ -179,6 +182,7 @@ class WorkerConfig:
             drain_timeout=_float(env, "MESH_DRAIN_TIMEOUT", default.drain_timeout),
             idle_timeout=_float(env, "MESH_IDLE_TIMEOUT", default.idle_timeout),
             register_timeout=_float(env, "MESH_REGISTER_TIMEOUT", default.register_timeout),
+            mailbox_limit=_int(env, "MESH_MAILBOX_LIMIT", default.mailbox_limit),
         )
 
 

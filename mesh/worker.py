@@ -160,6 +160,7 @@ class Worker(Lifecycle):
             MeshClient(nc, subjects=self._subjects),
             on_deactivated=self._release_placement,
             keeper=keeper,
+            mailbox_limit=self._config.mailbox_limit,
         )
         self._service = MicroService(
             nc,

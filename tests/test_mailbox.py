@@ -101,3 +101,34 @@ async def test_messages_waiting_for_a_deactivated_agent_run_on_a_fresh_one(
     assert agents.INSTANCES["busy"] == 2
     assert agents.EVENTS["busy"] == ["activate", "deactivate", "activate"]
     assert worker.activations == 1
+
+
+async def test_a_hot_agent_gets_a_bounded_queue_and_others_are_not_held_up(
+    nc: NATS, subjects: Subjects, gateway: Gateway
+) -> None:
+    from mesh import NoWorkerAvailableError
+
+    agents.PEAK_CONCURRENCY.clear()
+    config = WorkerConfig(worker_id="hot", heartbeat_interval=0.3, mailbox_limit=10)
+    async with Worker(nc, [Recorder], config, subjects):
+        await eventually(lambda: gateway.directory.live_workers("recorder"), timeout=5)
+        client = MeshClient(nc, subjects=subjects)
+
+        async def visit(key: str, seconds: float) -> float:
+            started = asyncio.get_running_loop().time()
+            await client.call(AgentId("recorder", key), {"seconds": seconds}, timeout=10)
+            return asyncio.get_running_loop().time() - started
+
+        baseline = sorted([await visit(f"cold-{n % 4}", 0.0) for n in range(40)])[-2]
+        hot = [asyncio.ensure_future(visit("hot", 0.05)) for _ in range(60)]
+        await asyncio.sleep(0.05)
+        others = sorted([await visit(f"cold-{n % 4}", 0.0) for n in range(40)])
+        outcomes = await asyncio.gather(*hot, return_exceptions=True)
+        refused = [o for o in outcomes if isinstance(o, NoWorkerAvailableError)]
+        served = [o for o in outcomes if isinstance(o, float)]
+        assert len(refused) + len(served) == 60
+        assert refused and all("its limit" in str(e) for e in refused)
+        assert len(served) >= 10  # the queue took what it could
+        assert agents.PEAK_CONCURRENCY["hot"] == 1  # one message at a time, always
+        # The other agents were not queued behind the hot one (p95 of 40 calls).
+        assert others[-2] < max(2 * baseline, baseline + 0.05), (others[-2], baseline)
