@@ -14,6 +14,7 @@ from mesh import AgentId, MeshClient, TopicId
 from mesh.cluster import NatsCluster
 from mesh.config import EventsConfig
 from mesh.handlers.gateway import Gateway
+from mesh.handlers.monitor import Monitor
 from mesh.handlers.registry import Registry
 from mesh.handlers.router import Router
 from mesh.handlers.state import StateService
@@ -52,6 +53,7 @@ async def test_mesh_runs_end_to_end_on_the_shipped_cluster_configs(cluster: Nats
         StateService(nc, subjects),
         Gateway(nc, subjects) as gateway,
         Router(nc, subjects, config) as router,
+        Monitor(nc, subjects) as monitor,
     ):
         worker = WorkerProcess(
             cluster.urls,
@@ -97,6 +99,13 @@ async def test_mesh_runs_end_to_end_on_the_shipped_cluster_configs(cluster: Nats
                 return bool(reply["value"] >= 4)
 
             await eventually(counted, timeout=30, message="requests with a node down")
+
+            async def node_missing() -> bool:
+                report = await monitor.health()
+                return report.components["jetstream"].status == "degraded"
+
+            # Health tells the truth: the replicas on the dead node are reported.
+            await eventually(node_missing, timeout=15, message="health degraded")
         finally:
             await worker.aclose()
     await nc.close()

@@ -202,3 +202,43 @@ def test_anomalies_and_similar_values() -> None:
         load_rules(orjson.dumps([RULES[0], RULES[0]]).decode())
     with pytest.raises(ValueError):
         load_rules('[{"name": "_x", "figure": "cpu", "op": ">", "threshold": 1}]')
+
+
+async def test_a_wedged_service_replica_turns_health_degraded(
+    nats_url: str,
+    nc: NATS,
+    subjects: Subjects,
+    mesh_services: None,
+    config: MonitorConfig,
+) -> None:
+    import os
+    import signal
+    import sys
+
+    from tests.conftest import REPO
+
+    async with Monitor(nc, subjects, config) as monitor:
+        second = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mesh.cli", "--nats", nats_url, "--prefix", subjects.prefix,
+            "serve", "registry", env={**os.environ, "PYTHONPATH": str(REPO)},
+        )  # fmt: skip
+        try:
+
+            async def two_registries() -> bool:
+                report = await monitor.health()
+                return report.components["registry"].detail.startswith("2 instance")
+
+            await eventually(two_registries, timeout=15)
+            second.send_signal(signal.SIGSTOP)  # its event loop stops: it answers nothing
+
+            async def degraded() -> HealthReport | None:
+                report = await monitor.health()
+                return report if report.components["registry"].status == "degraded" else None
+
+            report = await eventually(degraded, timeout=15)
+            assert "1 stopped answering" in report.components["registry"].detail
+            assert report.status == "degraded"
+        finally:
+            second.send_signal(signal.SIGCONT)
+            second.terminate()
+            await second.wait()

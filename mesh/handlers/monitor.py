@@ -50,6 +50,8 @@ SERVICE = "monitor"
 SAMPLE_RULES = Path(__file__).resolve().parent.parent / "samples" / "alerts.json"
 Status = Literal["ok", "degraded", "down"]
 LEVEL: dict[str, float] = {"ok": 0.0, "degraded": 1.0, "down": 2.0}
+#: Seconds an instance that stopped answering pings keeps the service degraded.
+SILENT_FOR = 60.0
 #: Services without which no request gets through.
 ESSENTIAL = ("registry", "gateway")
 
@@ -122,6 +124,7 @@ class Monitor(Lifecycle):
         self._mirror: KvMirror | None = None
         self._pending: dict[tuple[str, str], float] = {}
         self._scores: dict[tuple[str, str], RollingZ] = defaultdict(RollingZ)
+        self._instances_seen: dict[str, dict[str, float]] = defaultdict(dict)
         self._task: asyncio.Task[None] | None = None
         self._started = False
 
@@ -174,13 +177,35 @@ class Monitor(Lifecycle):
             components["jetstream"] = ComponentHealth(status="ok")
         except Exception as exc:
             components["jetstream"] = ComponentHealth(status="down", detail=str(exc) or "no answer")
+        jetstream = components["jetstream"]
+        if jetstream.status == "ok":
+            offline = await self._offline_replicas()
+            if offline:
+                components["jetstream"] = ComponentHealth(
+                    status="degraded", detail=f"replicas not current: {', '.join(offline)}"
+                )
         services = [s for s in SERVICE_NAMES if s != SERVICE]
-        counts = await asyncio.gather(*(self._instances(s) for s in services))
-        for name, count in zip(services, counts, strict=True):
+        answers = await asyncio.gather(*(self._instances(s) for s in services))
+        now = time.monotonic()
+        for name, ids in zip(services, answers, strict=True):
+            seen = self._instances_seen[name]
+            for instance in ids:
+                seen[instance] = now
+            # An instance that answered lately and stopped: wedged, or gone without a word.
+            silent = sorted(i for i, at in seen.items() if i not in ids and now - at < SILENT_FOR)
+            for instance in [i for i, at in seen.items() if now - at >= SILENT_FOR]:
+                del seen[instance]
             missing: Status = "down" if name in ESSENTIAL else "degraded"
-            components[name] = ComponentHealth(
-                status="ok" if count else missing, detail=f"{count} instance(s)"
-            )
+            if not ids:
+                status: Status = missing
+            elif silent:
+                status = "degraded"
+            else:
+                status = "ok"
+            detail = f"{len(ids)} instance(s)"
+            if silent:
+                detail += f"; {len(silent)} stopped answering ({', '.join(silent)})"
+            components[name] = ComponentHealth(status=status, detail=detail)
         live = self.directory.live_worker_counts()
         empty = sorted(t for t, n in live.items() if n == 0)
         components["workers"] = ComponentHealth(
@@ -194,16 +219,17 @@ class Monitor(Lifecycle):
         )
         return HealthReport(status=overall, components=components)
 
-    async def _instances(self, service: str) -> int:
+    async def _instances(self, service: str) -> set[str]:
+        """The ids of the service's instances that answer a ping within the window."""
         inbox = self._nc.new_inbox()
-        answers = 0
+        answered: set[str] = set()
 
-        async def count(msg: Msg) -> None:
-            nonlocal answers
+        async def note(msg: Msg) -> None:
             if msg.data:  # not the server's "no responders" status
-                answers += 1
+                with contextlib.suppress(Exception):
+                    answered.add(str(orjson.loads(msg.data)["id"]))
 
-        subscription = await self._nc.subscribe(inbox, cb=count)
+        subscription = await self._nc.subscribe(inbox, cb=note)
         try:
             await self._nc.publish(
                 f"$SRV.PING.{self._subjects.micro_name(service)}", b"", reply=inbox
@@ -211,7 +237,22 @@ class Monitor(Lifecycle):
             await asyncio.sleep(self._config.ping_window)
         finally:
             await subscription.unsubscribe()
-        return answers
+        return answered
+
+    async def _offline_replicas(self) -> list[str]:
+        """Replicas of mesh's buckets that are offline or behind (a cluster node down)."""
+        js = self._nc.jetstream(timeout=1.0)
+        behind = set()
+        for bucket in (self._subjects.workers_bucket, self._subjects.placement_bucket):
+            try:
+                info = await js.stream_info(f"KV_{bucket}")
+            except Exception:
+                continue
+            cluster = info.cluster
+            for peer in (cluster.replicas or []) if cluster is not None else []:
+                if peer.offline or not peer.current:
+                    behind.add(str(peer.name))
+        return sorted(behind)
 
     # Alerts
 
