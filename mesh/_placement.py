@@ -126,7 +126,9 @@ class PlacementTable:
         key = Subjects.agent_key(agent_id)
         try:
             revision = await self.kv.create(key, self._value(worker_id))
-        except KeyWrongLastSequenceError:
+        except (KeyWrongLastSequenceError, KeyNotFoundError):
+            # Someone placed it first; or (not found) nats-py's create met a key that was
+            # released between its two steps.
             current = await self._read(key)
             if current is not None:
                 return current
