@@ -172,6 +172,7 @@ class StateStore:
                 checksum=s.record.checksum,
                 updated_at=s.record.updated_at,
                 writer=s.record.writer,
+                epoch=s.record.epoch,
             )
             for s in await self._versions(agent_id)
         ]

@@ -91,6 +91,7 @@ class StateVersion(BaseModel):
     checksum: str
     updated_at: datetime
     writer: str | None = None
+    epoch: int | None = None
 
 
 class StateHistoryReply(BaseModel):

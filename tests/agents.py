@@ -360,3 +360,29 @@ class Whoami(Agent, agent_type="whoami", stateless=True):
             client=ctx.headers.get("Mesh-Client"),
             saw_authorization="Authorization" in ctx.headers,
         )
+
+
+class Spans(BaseModel):
+    """Each committed handler run of a tracked agent: worker, start, end (wall clock)."""
+
+    runs: list[tuple[str, float, float]] = Field(default_factory=list)
+
+
+class Track(BaseModel):
+    pass
+
+
+class Tracker(Agent, agent_type="tracker", state=Spans):
+    """Keeps, in its saved state, when each of its handler runs began and ended: the
+    runs that committed, for the single-activation checker."""
+
+    state: Spans
+
+    @handler
+    async def track(self, message: Track, ctx: MessageContext) -> int:
+        import time
+
+        started = time.time()
+        await asyncio.sleep(0.01)
+        self.state.runs = [*self.state.runs, (ctx.worker_id, started, time.time())][-200:]
+        return len(self.state.runs)

@@ -7,8 +7,11 @@ Each test prints its counts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import os
 import random
+import signal
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -376,3 +379,79 @@ async def test_rolling_restart_under_load_loses_no_acknowledged_write(
             for process in workers.values():
                 await process.aclose()
     await nc.close()
+
+
+async def test_single_activation_no_committed_runs_overlap_and_no_stale_writes(
+    nats_url: str, nc: NATS, subjects: Subjects, registry: object, spawn_worker: type
+) -> None:
+    extra = await nats.connect(nats_url)
+    gateways = [Gateway(nc, subjects), Gateway(extra, subjects)]
+    for g in gateways:
+        await g.start()
+    names = [f"one-{n}" for n in range(5)]
+    workers = {n: spawn_worker("tests.agents:Tracker", worker_id=n) for n in names}
+    tally, faults = Tally(), Counter[str]()
+    try:
+        await eventually(
+            lambda: len(gateways[0].directory.live_workers("tracker")) == 5, timeout=30
+        )
+        client = MeshClient(nc, subjects=subjects)
+        ids = [AgentId("tracker", f"t{i}") for i in range(100 * SCALE)]
+        stop = asyncio.Event()
+
+        async def caller(c: int) -> None:
+            rng = random.Random(c)
+            while not stop.is_set():
+                try:
+                    await client.call(rng.choice(ids), {}, message_type="Track", timeout=3)
+                    tally.outcomes["ok"] += 1
+                except MeshError as exc:
+                    tally.outcomes[str(int(exc.code))] += 1
+
+        async def chaos() -> None:
+            rng = random.Random(5)
+            for round_ in range(4 * SCALE):
+                await asyncio.sleep(1.0)
+                name = rng.choice(names)
+                if round_ % 2 == 0:  # a zombie: paused past its lapse, then back
+                    os.kill(workers[name].pid, signal.SIGSTOP)
+                    faults["SIGSTOP"] += 1
+                    await asyncio.sleep(2.0)
+                    os.kill(workers[name].pid, signal.SIGCONT)
+                else:
+                    workers[name].kill()
+                    faults["SIGKILL"] += 1
+                    await asyncio.sleep(0.5)
+                    workers[name] = spawn_worker("tests.agents:Tracker", worker_id=name)
+            await asyncio.sleep(1.0)
+            stop.set()
+
+        await asyncio.gather(chaos(), *(caller(c) for c in range(8)))
+        store = StateStore(nc.jetstream(), subjects)
+        await store.start()
+        overlaps = stale = runs = 0
+        for agent in ids:
+            try:
+                record = await store.get(agent)
+            except MeshError:
+                continue
+            spans = sorted(record.state["runs"], key=lambda run: run[1])
+            runs += len(spans)
+            overlaps += sum(1 for a, b in itertools.pairwise(spans) if b[1] < a[2])
+            marks = [v.epoch or 0 for v in await store.history(agent)]
+            stale += sum(1 for a, b in itertools.pairwise(marks) if b < a)
+        print(
+            f"\nsingle activation: {sum(tally.outcomes.values())} calls ({tally}),"
+            f" {dict(faults)}; committed runs {runs}, overlapping {overlaps},"
+            f" stale-epoch writes {stale}"
+        )
+        assert runs > 0
+        assert overlaps == 0
+        assert stale == 0
+    finally:
+        for n in names:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(workers[n].pid, signal.SIGCONT)
+        for g in gateways:
+            await g.shutdown()
+        await extra.close()
