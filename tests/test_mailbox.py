@@ -119,10 +119,11 @@ async def test_a_hot_agent_gets_a_bounded_queue_and_others_are_not_held_up(
             await client.call(AgentId("recorder", key), {"seconds": seconds}, timeout=10)
             return asyncio.get_running_loop().time() - started
 
-        baseline = sorted([await visit(f"cold-{n % 4}", 0.0) for n in range(40)])[-2]
+        # p99 of 100 calls to other agents, before and while the hot agent is flooded.
+        baseline = sorted([await visit(f"cold-{n % 4}", 0.0) for n in range(100)])[98]
         hot = [asyncio.ensure_future(visit("hot", 0.05)) for _ in range(60)]
         await asyncio.sleep(0.05)
-        others = sorted([await visit(f"cold-{n % 4}", 0.0) for n in range(40)])
+        others = sorted([await visit(f"cold-{n % 4}", 0.0) for n in range(100)])
         outcomes = await asyncio.gather(*hot, return_exceptions=True)
         refused = [o for o in outcomes if isinstance(o, NoWorkerAvailableError)]
         served = [o for o in outcomes if isinstance(o, float)]
@@ -130,5 +131,6 @@ async def test_a_hot_agent_gets_a_bounded_queue_and_others_are_not_held_up(
         assert refused and all("its limit" in str(e) for e in refused)
         assert len(served) >= 10  # the queue took what it could
         assert agents.PEAK_CONCURRENCY["hot"] == 1  # one message at a time, always
-        # The other agents were not queued behind the hot one (p95 of 40 calls).
-        assert others[-2] < max(2 * baseline, baseline + 0.05), (others[-2], baseline)
+        # The other agents were not queued behind the hot one.
+        print(f"\nhot key: others p99 {others[98] * 1e3:.2f} ms, baseline {baseline * 1e3:.2f} ms")
+        assert others[98] <= 2 * baseline, (others[98], baseline)
