@@ -48,12 +48,6 @@ class TraceContext:
             return None
         return cls(match[1], match[2], match[3])
 
-    @classmethod
-    def from_headers(cls, headers: Mapping[str, str]) -> TraceContext:
-        """A child of the headers' trace, or a new trace when they carry none."""
-        parent = cls.parse(headers.get(TRACEPARENT))
-        return parent.child() if parent is not None else cls.new()
-
     def child(self) -> TraceContext:
         return TraceContext(self.trace_id, f"{_ids.getrandbits(64) or 1:016x}", self.flags)
 
