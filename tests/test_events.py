@@ -444,7 +444,12 @@ async def test_backlog_longer_than_ack_wait_is_neither_duplicated_nor_reordered(
     config = EventsConfig(ack_wait=2.5, handler_timeout=2.0, retry_delay=0.05)
     async with Router(nc, subjects, config) as router:
         spawn_worker("tests.agents:SlowLedger", worker_id="slow")
-        await eventually(lambda: router.dispatcher("slow-ledger") is not None, timeout=15)
+        # Subscriptions show once the consumer covers them: events published before
+        # that would not be delivered (the consumer starts at new events).
+        await eventually(
+            lambda: (d := router.dispatcher("slow-ledger")) is not None and d.subscriptions,
+            timeout=15,
+        )
         await eventually(lambda: gateway.directory.live_workers("slow-ledger"), timeout=15)
         client = MeshClient(nc, subjects=subjects)
         for n in range(12):
