@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from mesh._retry import while_unavailable
 from mesh.subjects import Subjects
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,12 @@ class BucketConfig:
 
 
 async def ensure_bucket(js: JetStreamContext, config: BucketConfig) -> KeyValue:
-    """Open `config.name`, creating it (with direct gets on) if it is absent."""
+    """Open `config.name`, creating it (with direct gets on) if it is absent; waits out
+    a JetStream that is briefly unavailable (`while_unavailable`)."""
+    return await while_unavailable(lambda: _open_bucket(js, config), f"bucket {config.name}")
+
+
+async def _open_bucket(js: JetStreamContext, config: BucketConfig) -> KeyValue:
     try:
         return await js.key_value(config.name)
     except BucketNotFoundError:
@@ -125,8 +131,11 @@ class KvMirror:
         keys: The watch filter (``>`` for every key).
         on_change: Called with ``(key, entry)`` on every put, ``(key, None)`` on delete,
             purge or TTL expiry; with ``values=False``, on any change with an entry
-            whose value is empty and whose revision is the change's.
+            whose value is empty and whose revision is the change's, and for every key
+            when the watch is made anew (changes may have gone unseen meanwhile).
         values: Mirror the values (else only report changes).
+        check_interval: Seconds between checks that the watch still flows (see
+            `_guard`); 0 turns them off.
     """
 
     def __init__(
@@ -136,23 +145,36 @@ class KvMirror:
         on_change: ChangeCallback | None = None,
         *,
         values: bool = True,
+        check_interval: float = 5.0,
     ):
         self._kv = kv
         self._keys = keys
         self._on_change = on_change
         self._values = values
+        self._check_interval = check_interval
         self.entries: dict[str, MirroredEntry] = {}
         self.ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._guard_task: asyncio.Task[None] | None = None
         self._watcher: KeyValue.KeyWatcher | None = None
         self._reloaded: set[str] | None = None
         self._closed = False
+        self._restarting = asyncio.Lock()
+        #: The newest revision (stream sequence) this watch has delivered.
+        self.last_revision = 0
+        #: Checks of the watch made, and how often one found it stalled and watched anew.
+        self.checks = 0
+        self.stalls = 0
 
     async def start(self, timeout: float = 10.0) -> None:
         """Start watching and return once the current values are loaded."""
         if self._task is not None:
             return
-        await self._watch(timeout)
+        await while_unavailable(lambda: self._watch_or_undo(timeout), f"watching {self._keys}")
+        if self._check_interval > 0 and self._guard_task is None:
+            self._guard_task = asyncio.create_task(
+                self._guard(), name=f"kv-watch-guard:{self._keys}"
+            )
 
     async def restart(self, timeout: float = 10.0) -> None:
         """Watch anew, e.g. after a reconnect, when the old watch may have stalled.
@@ -160,11 +182,68 @@ class KvMirror:
         Current values are loaded again; keys that vanished meanwhile are reported gone.
         Does nothing once closed.
         """
-        if self._closed:
-            return
-        await self._stop()
-        self._reloaded = set()
-        await self._watch(timeout)
+        async with self._restarting:
+            if self._closed:
+                return
+            await self._stop()
+            self._reloaded = set()
+            await self._watch(timeout)
+
+    async def _guard(self) -> None:
+        """Watch anew when the watch stopped flowing without the connection noticing.
+
+        nats-py's watch is an ordered consumer on one server. When that server restarts
+        and this process's connection is to another one, nothing reconnects, and the
+        client only re-creates the consumer on missed heartbeats, which can fail for
+        good during a leader election. So every `check_interval` the consumer is asked
+        how far it got: gone, or with changes the watch has not delivered on two checks
+        in a row while nothing arrived, means stalled.
+        """
+        behind_since: int | None = None
+        unready = 0
+        while not self._closed:
+            await asyncio.sleep(self._check_interval)
+            watcher = self._watcher
+            if watcher is None or not self.ready.is_set():
+                # Loading, or a restart that failed: give it three checks.
+                behind_since = None
+                unready += 1
+                if unready < 3 or self._restarting.locked():
+                    continue
+            else:
+                subscription = watcher._sub
+                try:
+                    if subscription is None:
+                        raise NotFoundError
+                    async with asyncio.timeout(self._check_interval):
+                        info = await subscription.consumer_info()
+                except NotFoundError:
+                    pass  # stalled
+                except Exception:  # JetStream unavailable for now: ask at the next check
+                    continue
+                else:
+                    delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
+                    behind = bool(info.num_pending) or delivered > self.last_revision
+                    stalled = behind and behind_since == self.last_revision
+                    behind_since = self.last_revision if behind else None
+                    self.checks += 1
+                    if not stalled:
+                        continue
+            behind_since = None
+            unready = 0
+            self.stalls += 1
+            logger.warning("KV watch on %s stalled; watching anew", self._keys)
+            try:
+                await self.restart()
+            except Exception as exc:  # tried again at the next check
+                logger.warning("watching %s anew failed: %s", self._keys, exc)
+
+    async def _watch_or_undo(self, timeout: float) -> None:
+        try:
+            await self._watch(timeout)
+        except BaseException:
+            await self._stop()
+            raise
 
     async def _watch(self, timeout: float) -> None:
         self.ready.clear()
@@ -184,8 +263,10 @@ class KvMirror:
                 self._forget_vanished()
                 self.ready.set()
                 continue
+            self.last_revision = max(self.last_revision, int(entry.revision or 0))
             if not self._values:
-                if self.ready.is_set():  # a change, not one of the values found at start
+                # A change, or, when watching anew, a key that may have changed unseen.
+                if self.ready.is_set() or self._reloaded is not None:
                     self._notify(entry.key, MirroredEntry(entry.key, b"", int(entry.revision or 0)))
                 continue
             if self._reloaded is not None:
@@ -229,4 +310,10 @@ class KvMirror:
     async def aclose(self) -> None:
         """Stop watching. Idempotent."""
         self._closed = True
-        await self._stop()
+        guard, self._guard_task = self._guard_task, None
+        if guard is not None:
+            guard.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await guard
+        async with self._restarting:
+            await self._stop()

@@ -27,8 +27,6 @@ import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 from nats.micro.service import (
     EndpointInfo,
     EndpointStats,
@@ -37,6 +35,7 @@ from nats.micro.service import (
     ServiceStats,
 )
 
+from mesh._retry import JETSTREAM_UNAVAILABLE
 from mesh._wire import error_reply
 from mesh.errors import MeshError, NoWorkerAvailableError, PayloadTooLargeError
 
@@ -46,13 +45,6 @@ Reply = tuple[bytes, dict[str, str] | None]
 Handler = Callable[[Msg], Awaitable[Reply]]
 
 SRV_PREFIX = "$SRV"
-#: Failures of JetStream itself (no leader, no quorum, no answer): 503, not 500.
-JETSTREAM_UNAVAILABLE = (
-    NoStreamResponseError,
-    ServiceUnavailableError,
-    NatsTimeoutError,
-    TimeoutError,
-)
 #: Bound on handing over the messages the server sent before an unsubscribe.
 DRAIN_SUBSCRIPTION_TIMEOUT = 5.0
 

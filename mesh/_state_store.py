@@ -14,11 +14,19 @@ the saved one is resolved by its conflict policy:
   are applied to the saved state field by field; a field both changed is a 409.
 
 Reads verify the checksum and refuse corrupt state with `StateCorruptError`.
+
+A write that gets no acknowledgement (a stream leader change) is tried again until
+`StateConfig.write_timeout`. If the retry finds the key moved on, the write may have
+landed after all: it did if the key's history holds its exact bytes, and then it
+succeeded, rather than being answered as a conflict the caller would retry.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +47,7 @@ from mesh._conflicts import (
 )
 from mesh._kv import BucketConfig, ensure_bucket
 from mesh._placement import PlacementTable
+from mesh._retry import JETSTREAM_UNAVAILABLE
 from mesh.config import StateConfig
 from mesh.errors import (
     BadRequestError,
@@ -58,6 +67,8 @@ logger = logging.getLogger(__name__)
 
 #: Compare-and-set rounds before a write under constant contention gives up with 503.
 MAX_WRITE_ROUNDS = 32
+#: Pause between attempts at a write that got no acknowledgement.
+WRITE_RETRY_PAUSE = 0.25
 
 
 def state_bucket(subjects: Subjects, history: int) -> BucketConfig:
@@ -283,11 +294,7 @@ class StateStore:
                 "epoch": epoch,
             }
         )
-        kv = self._bucket()
-        if position is None:
-            revision = await kv.create(key, data)  # also after a purge
-        else:
-            revision = await kv.update(key, data, last=position[0])
+        revision = await self._compare_and_set(key, data, position[0] if position else None)
         self._remember(key, revision, version)
         return StatePutReply(
             version=version,
@@ -296,6 +303,43 @@ class StateStore:
             merged=merged,
             state=state if merged else None,
         )
+
+    async def _compare_and_set(self, key: str, data: bytes, last: int | None) -> int:
+        """Store `data` if the key's revision is still `last` (None: absent), trying again
+        across a leader change; returns the new revision."""
+        kv = self._bucket()
+        deadline = time.monotonic() + self._config.write_timeout
+        outcome_unknown = False
+        while True:
+            try:
+                if last is None:
+                    return await kv.create(key, data)  # also after a purge
+                return await kv.update(key, data, last=last)
+            except KeyWrongLastSequenceError:
+                if outcome_unknown:
+                    landed = await self._landed(kv, key, data)
+                    if landed is not None:
+                        return landed
+                raise
+            except JETSTREAM_UNAVAILABLE as exc:
+                if time.monotonic() + WRITE_RETRY_PAUSE >= deadline:
+                    raise
+                outcome_unknown = True
+                metrics.STATE_WRITE_RETRIES.inc()
+                logger.info("state write of %s unacknowledged (%r); trying again", key, exc)
+            await asyncio.sleep(WRITE_RETRY_PAUSE)
+
+    async def _landed(self, kv: KeyValue, key: str, data: bytes) -> int | None:
+        """The revision at which exactly `data` was stored under `key`, if it is kept."""
+        with contextlib.suppress(KeyNotFoundError):
+            latest = await kv.get(key)
+            if latest.value == data:
+                return int(latest.revision or 0)
+        with contextlib.suppress(NoKeysError):
+            for entry in reversed(await kv.history(key)):
+                if entry.value == data:
+                    return int(entry.revision or 0)
+        return None
 
     # Reading
 

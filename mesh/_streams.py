@@ -7,6 +7,7 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from mesh._kv import deployment_replicas
+from mesh._retry import while_unavailable
 from mesh.subjects import Subjects
 
 #: Nats-Msg-Id de-duplicates within this window.
@@ -14,7 +15,12 @@ DUPLICATE_WINDOW = 120.0
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    """Create the stream unless it exists (its existing settings are left alone)."""
+    """Create the stream unless it exists (its existing settings are left alone); waits
+    out a JetStream that is briefly unavailable (`while_unavailable`)."""
+    await while_unavailable(lambda: _create_stream(js, config), f"stream {config.name}")
+
+
+async def _create_stream(js: JetStreamContext, config: StreamConfig) -> None:
     assert config.name is not None
     try:
         await js.stream_info(config.name)

@@ -33,6 +33,8 @@ class NatsCluster:
         size: Nodes (3 for a quorum that survives one loss).
         config_files: One config file per node; generated settings when absent.
         store_dir: Parent of the nodes' stores; a temporary folder when absent.
+        advertise: Tell clients the other nodes' URLs (so they fail over to them); off,
+            a client knows only the URLs it was given, as behind a NAT.
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class NatsCluster:
         *,
         config_files: Sequence[str | Path] | None = None,
         store_dir: str | Path | None = None,
+        advertise: bool = True,
     ) -> None:
         if config_files is not None and len(config_files) != size:
             raise ValueError(f"{size} nodes need {size} config files")
@@ -68,6 +71,8 @@ class NatsCluster:
                 "-m",
                 str(free_port()),
             ]
+            if not advertise:
+                args.append("--no_advertise=true")
             config = config_files[index] if config_files is not None else None
             if config is None:
                 args += ["-js", "-sd", str(store)]

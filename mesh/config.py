@@ -266,11 +266,14 @@ class StateConfig:
         max_state_bytes: Largest state (its JSON) accepted; larger ones get 413.
         known_revisions: Agents whose latest KV revision the service remembers, so that
             a write expecting the version it last wrote needs no read first.
+        write_timeout: Seconds a write keeps trying while JetStream does not acknowledge
+            it (a stream leader change takes 5-7 s after a node dies).
     """
 
     history: int = 16
     max_state_bytes: int = 1_000_000
     known_revisions: int = 100_000
+    write_timeout: float = 10.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.history <= 64:
@@ -283,6 +286,7 @@ class StateConfig:
             history=_int(env, "MESH_STATE_HISTORY", default.history),
             max_state_bytes=_int(env, "MESH_STATE_MAX_BYTES", default.max_state_bytes),
             known_revisions=_int(env, "MESH_STATE_KNOWN_REVISIONS", default.known_revisions),
+            write_timeout=_float(env, "MESH_STATE_WRITE_TIMEOUT", default.write_timeout),
         )
 
 

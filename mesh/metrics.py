@@ -49,6 +49,10 @@ EVENTS_DEAD_LETTERED = Counter(
 STATE_CONFLICTS = Counter(
     "mesh_state_conflicts_total", "State writes refused with 409.", ["agent_type"]
 )
+STATE_WRITE_RETRIES = Counter(
+    "mesh_state_write_retries_total",
+    "State writes tried again after JetStream did not acknowledge them.",
+)
 
 
 def observe_handled(agent_type: str, code: str, seconds: float) -> None:

@@ -300,11 +300,6 @@ async def test_rpc_every_call_is_answered_by_its_deadline_while_workers_die(
     assert tally.outcomes["ok"] > total / 2
 
 
-@pytest.mark.skipif(
-    not os.environ.get("MESH_CHAOS_SCALE"),
-    reason="only under just chaos for now: after a node restart a gateway's KV watch can"
-    " stall without a reconnect, and its directory then misses a restarted worker",
-)
 async def test_rolling_restart_under_load_loses_no_acknowledged_write(
     cluster: NatsCluster,
 ) -> None:
@@ -460,3 +455,95 @@ async def test_single_activation_no_committed_runs_overlap_and_no_stale_writes(
         for g in gateways:
             await g.shutdown()
         await extra.close()
+
+
+async def test_a_gateway_cut_off_from_nats_answers_nothing_wrong_and_comes_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Gateway A is connected only to node 1, gateway B only to node 2, callers only to
+    node 3. Node 1 is SIGKILLed and restarted: while A is cut off, B answers everything;
+    then A reconnects, watches KV anew and serves again, and no reply ever carries
+    another call's text."""
+    monkeypatch.setenv("MESH_REPLICAS", "3")
+    # Not advertised: a client given one node's URL cannot fail over to the others.
+    cluster = NatsCluster(3, advertise=False)
+    await asyncio.to_thread(cluster.start)
+    try:
+        await _cut_off_gateway(cluster)
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def _cut_off_gateway(cluster: NatsCluster) -> None:
+    node_a, node_b, node_c = cluster.nodes
+
+    async def connect_to(url: str) -> NATS:
+        nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+        await eventually(lambda: nc.jetstream().account_info(), timeout=30, message="JetStream")
+        return nc
+
+    nc_a, nc_b, nc_c = [await connect_to(node.url) for node in (node_a, node_b, node_c)]
+    subjects = Subjects("chaoscut")
+    tally = Tally()
+    wrong: list[tuple[str, str]] = []
+    worker = WorkerProcess(
+        cluster.urls, ["workers.echo:Echo"], worker_id="cut-echo", heartbeat_interval=0.5,
+        prefix=subjects.prefix, env={"PYTHONPATH": str(REPO), "MESH_REPLICAS": "3"},
+    ).start()  # fmt: skip
+    try:
+        async with (
+            Registry(nc_b, subjects),
+            Gateway(nc_a, subjects) as gateway_a,
+            Gateway(nc_b, subjects) as gateway_b,
+        ):
+            for gateway in (gateway_a, gateway_b):
+                await eventually(lambda g=gateway: g.directory.live_workers("echo"), timeout=30)
+            client = MeshClient(nc_c, subjects=subjects)
+            stop = asyncio.Event()
+
+            async def caller(c: int) -> None:
+                for n in itertools.count():
+                    if stop.is_set():
+                        return
+                    text = f"{c}-{n}-{uuid.uuid4().hex[:8]}"
+                    try:
+                        reply = await client.call(
+                            AgentId("echo", f"k{n % 16}"), {"text": text}, timeout=3
+                        )
+                    except MeshError as exc:
+                        tally.outcomes[str(int(exc.code))] += 1
+                    else:
+                        tally.outcomes["ok"] += 1
+                        if reply["text"] != text:
+                            wrong.append((text, reply["text"]))
+                    await asyncio.sleep(PACE / 4)
+
+            callers = [asyncio.create_task(caller(c)) for c in range(4)]
+            try:
+                await eventually(lambda: gateway_a.requests_served > 10, timeout=30)
+                await asyncio.to_thread(node_a.kill)
+                cut_at = gateway_a.requests_served
+                served_b = gateway_b.requests_served
+                await eventually(
+                    lambda: gateway_b.requests_served > served_b + 50 * SCALE, timeout=60
+                )
+                assert gateway_a.requests_served == cut_at  # it heard nothing, said nothing
+                await asyncio.to_thread(node_a.start)
+                await eventually(
+                    lambda: gateway_a.requests_served > cut_at + 50 * SCALE,
+                    timeout=60,
+                    message="the cut-off gateway serves again after its node came back",
+                )
+                assert gateway_a.directory.live_workers("echo")
+            finally:
+                stop.set()
+                await asyncio.gather(*callers)
+            print(f"\ngateway cut off: {sum(tally.outcomes.values())} calls ({tally})")
+            assert not wrong, wrong[:5]
+            assert set(tally.outcomes) <= {"ok", "503", "504"}, tally
+            assert tally.outcomes["ok"] > sum(tally.outcomes.values()) * 0.9
+    finally:
+        worker.terminate()
+        await worker.aclose()
+        for nc in (nc_a, nc_b, nc_c):
+            await nc.close()

@@ -158,6 +158,11 @@ class Gateway(Lifecycle):
         self._forget_reconnect = on_reconnect(self._nc, self._rewatch)
         self._started = True
 
+    @property
+    def requests_served(self) -> int:
+        """Agent requests this gateway instance has taken since it started."""
+        return sum(endpoint.num_requests for endpoint in self._service.stats().endpoints)
+
     async def _rewatch(self) -> None:
         await self.directory.restart()
         await self.placements.restart()
