@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from nats.js.client import JetStreamContext
@@ -55,6 +56,8 @@ class WorkerDirectory:
         js: JetStream context of the process's connection.
         subjects: The mesh's names.
         config: Liveness settings.
+        on_worker_gone: Called with a worker's id when its entry goes (deregistered,
+            or its heartbeats lapsed past the entry's TTL).
     """
 
     def __init__(
@@ -62,7 +65,9 @@ class WorkerDirectory:
         js: JetStreamContext,
         subjects: Subjects,
         config: RegistryConfig | None = None,
+        on_worker_gone: Callable[[str], None] | None = None,
     ) -> None:
+        self._on_worker_gone = on_worker_gone
         self._js = js
         self._subjects = subjects
         self._config = config or RegistryConfig()
@@ -111,6 +116,8 @@ class WorkerDirectory:
                         del self._hosts[agent_type]
         if entry is None:
             self._seen.pop(key, None)
+            if previous is not None and self._on_worker_gone is not None:
+                self._on_worker_gone(previous.id)
             return
         try:
             record = WorkerRecord.model_validate_json(entry.value)

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 import orjson
+import pytest
 from nats.aio.client import Client as NATS
 
 from mesh import AgentId, MeshClient, MeshError
@@ -125,3 +126,30 @@ async def test_forward_to_a_worker_that_just_died_is_retried_on_another(
     for key in victim_keys:
         entry = await placements.get(f"counter.{key}")
         assert orjson.loads(entry.value)["worker_id"] == "survivor"
+
+
+async def test_a_call_in_flight_on_a_worker_that_dies_is_answered_503_when_it_lapses(
+    nc: NATS, subjects: Subjects, gateway: Gateway, spawn_worker: type
+) -> None:
+    victim = spawn_worker("tests.agents:Sleeper", worker_id="doomed")
+    await eventually(lambda: gateway.directory.live_workers("sleeper"), timeout=15)
+    client = MeshClient(nc, subjects=subjects)
+    started = time.monotonic()
+    call = asyncio.create_task(
+        client.call(AgentId("sleeper", "s1"), {"seconds": 30}, message_type="Nap", timeout=30)
+    )
+    await eventually(lambda: gateway._waiting_on.get("doomed"), timeout=10)
+    victim.kill()
+    with pytest.raises(MeshError) as raised:
+        await asyncio.wait_for(call, timeout=15)
+    # Not the 30 s deadline: a few heartbeat intervals, until the worker's entry lapsed.
+    assert raised.value.code == 503
+    assert "went away" in raised.value.message
+    assert time.monotonic() - started < 15
+    spawn_worker("tests.agents:Sleeper", worker_id="heir")
+    await eventually(lambda: gateway.directory.live_workers("sleeper"), timeout=15)
+    reply = await eventually(
+        lambda: client.call(AgentId("sleeper", "s1"), {"seconds": 0}, message_type="Nap"),
+        timeout=15,
+    )
+    assert reply["worker"] == "heir"

@@ -24,10 +24,12 @@ timeouts mark the worker unhealthy too. The worker's reply is relayed unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -122,7 +124,12 @@ class Gateway(Lifecycle):
                 member=uuid.uuid4().hex,
                 interval=auth.share_interval,
             )
-        self.directory = WorkerDirectory(nc.jetstream(), self._subjects, registry_config)
+        self.directory = WorkerDirectory(
+            nc.jetstream(), self._subjects, registry_config, on_worker_gone=self._worker_gone
+        )
+        # Forwards waiting on each worker, so that they end when the worker is gone.
+        self._waiting_on: dict[str, set[asyncio.Task[Any]]] = {}
+        self._abandoned: set[asyncio.Task[Any]] = set()
         self.placements = PlacementTable(nc.jetstream(), self._subjects)
         self._stats: dict[str, WorkerStats] = {}
         self._strategies: dict[str, tuple[str, Strategy]] = {}
@@ -157,6 +164,14 @@ class Gateway(Lifecycle):
             await self._service.start()
         self._forget_reconnect = on_reconnect(self._nc, self._rewatch)
         self._started = True
+
+    def _worker_gone(self, worker_id: str) -> None:
+        """A worker's entry went (it deregistered, or lapsed): requests waiting on it
+        would wait for their deadline in vain, so they end now with 503."""
+        for task in self._waiting_on.pop(worker_id, ()):
+            if not task.done():
+                self._abandoned.add(task)
+                task.cancel()
 
     @property
     def requests_served(self) -> int:
@@ -390,6 +405,10 @@ class Gateway(Lifecycle):
         stats = self.stats(worker_id)
         stats.inflight += 1
         started = time.monotonic()
+        task = asyncio.current_task()
+        waiting = self._waiting_on.setdefault(worker_id, set())
+        if task is not None:
+            waiting.add(task)
         try:
             reply = await self._nc.request(
                 self._subjects.worker_rpc(worker_id, agent_id),
@@ -397,6 +416,15 @@ class Gateway(Lifecycle):
                 timeout=deadline.remaining(),
                 headers=headers,
             )
+        except asyncio.CancelledError:
+            if task is None or task not in self._abandoned:
+                raise
+            self._abandoned.discard(task)
+            task.uncancel()
+            raise NoWorkerAvailableError(
+                f"worker {worker_id} went away while handling {agent_id}; the request may"
+                " or may not have taken effect"
+            ) from None
         except NatsTimeoutError:
             stats.record_failure()
             if stats.consecutive_failures >= self._config.failures_before_unhealthy:
@@ -406,6 +434,10 @@ class Gateway(Lifecycle):
             ) from None
         finally:
             stats.inflight -= 1
+            if task is not None:
+                waiting.discard(task)
+            if not waiting:
+                self._waiting_on.pop(worker_id, None)
         reply_headers = dict(reply.headers or {})
         if reply_headers.get(SERVICE_ERROR_CODE) in ("503", "504"):
             stats.record_failure()
