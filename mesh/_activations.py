@@ -137,6 +137,10 @@ class ActivationTable:
         finally:
             del self._creating[agent_id]
 
+    def use_keeper(self, keeper: StateKeeper) -> None:
+        """Load and save persistent agents' state with `keeper` from now on."""
+        self._keeper = keeper
+
     async def run(self, agent_id: AgentId, work: Callable[[Agent], Awaitable[T]]) -> T:
         """Run `work` on the agent's instance, alone in its mailbox."""
         while True:

@@ -89,6 +89,36 @@ class MessageContext:
 
 
 @dataclass(frozen=True, slots=True)
+class RawMessage:
+    """A message as it arrived, for agent types that decode their own (``raw=True``).
+
+    Attributes:
+        data: The body.
+        content_type: Its ``Content-Type``.
+        message_type: Its ``Mesh-Msg-Type``, if it named one.
+    """
+
+    data: bytes
+    content_type: str
+    message_type: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RawReply:
+    """A reply an agent type that decodes its own messages encoded itself.
+
+    Attributes:
+        data: The body.
+        content_type: Its ``Content-Type``.
+        message_type: Its ``Mesh-Msg-Type``; ``None`` sends none.
+    """
+
+    data: bytes
+    content_type: str
+    message_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class HandlerSpec:
     """One handler of an agent type, found from the method's annotations."""
 
@@ -141,6 +171,9 @@ class Agent:
     (no mailbox). Pass ``strategy="least_connections"`` (or another of
     `mesh._balancing.STRATEGIES`) to choose how new activations are placed.
 
+    Pass ``raw=True`` for a type that decodes its own messages: every message goes to
+    `on_raw_message` undecoded (how `mesh.autogen` hosts AutoGen agents).
+
     Saved state: pass ``state=Model`` (a pydantic model whose fields all have
     defaults) and use ``self.state``; or override `save_state` and `load_state`, as in
     AutoGen. ``conflict_policy`` (``reject``, ``last_write_wins``, ``merge``) says what
@@ -160,6 +193,7 @@ class Agent:
     state_model: ClassVar[type[BaseModel] | None] = None
     conflict_policy: ClassVar[ConflictPolicy] = "reject"
     autosave: ClassVar[bool] = True
+    raw: ClassVar[bool] = False
     state: Any
 
     def __init_subclass__(
@@ -171,9 +205,12 @@ class Agent:
         state: type[BaseModel] | None = None,
         conflict_policy: ConflictPolicy | None = None,
         autosave: bool | None = None,
+        raw: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
+        if raw is not None:
+            cls.raw = raw
         if agent_type is not None:
             cls.agent_type = validate_agent_type(agent_type)
         if stateless is not None:
@@ -262,6 +299,10 @@ class Agent:
             raise AgentDefinitionError(f"{self.id} is not hosted with a state service")
         await self._keeper.save(self)
 
+    async def on_raw_message(self, message: RawMessage, ctx: MessageContext) -> RawReply:
+        """Handle a message undecoded (agent types declared with ``raw=True``)."""
+        raise AgentDefinitionError(f"{type(self).__name__} is not declared with raw=True")
+
     @classmethod
     def create(cls: type[A], agent_id: AgentId, client: MeshClient | None = None) -> A:
         """Instantiate the agent for `agent_id` (what a worker does on first use)."""
@@ -331,7 +372,7 @@ def agent_types_of(agents: list[type[Agent]]) -> dict[str, type[Agent]]:
         name = getattr(cls, "agent_type", None)
         if not name:
             raise AgentDefinitionError(f"{cls.__name__} has no agent_type")
-        if not cls.handlers:
+        if not cls.handlers and not cls.raw:
             raise AgentDefinitionError(f"{cls.__name__} has no @handler methods")
         if name in by_name and by_name[name] is not cls:
             raise AgentDefinitionError(f"two classes claim agent type {name!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
@@ -237,6 +238,14 @@ class MeshClient:
                 timeout=deadline + REPLY_GRACE,
                 headers=request_headers,
             )
+        except asyncio.CancelledError:
+            # The caller gave up: tell the worker running it to stop too.
+            with contextlib.suppress(Exception):
+                await self._nc.publish(
+                    self._subjects.cancel(target),
+                    headers={REQUEST_ID: request_headers[REQUEST_ID]},
+                )
+            raise
         except NoRespondersError:
             raise _remote(
                 NoWorkerAvailableError(
@@ -286,12 +295,30 @@ class MeshClient:
             DeadlineExceededError: No acknowledgement in time.
         """
         event_headers = self._message_headers(message, message_type, sender, headers)
-        # Always an id, so that a retry after a lost acknowledgement is stored once.
-        event_headers[MSG_ID] = message_id or uuid.uuid4().hex
+        if message_id is not None:
+            event_headers[MSG_ID] = message_id
+        return await self.publish_raw(
+            topic, encode(message, self._codec), headers=event_headers, timeout=timeout
+        )
+
+    async def publish_raw(
+        self,
+        topic: TopicId,
+        data: bytes,
+        *,
+        headers: Mapping[str, str],
+        timeout: float = 5.0,
+    ) -> PubAck:
+        """Publish an already encoded event with its headers (as `publish` does).
+
+        A ``Nats-Msg-Id`` is added when `headers` has none, so that a retry after a lost
+        acknowledgement is stored once.
+        """
+        event_headers = dict(headers)
+        event_headers.setdefault(MSG_ID, uuid.uuid4().hex)
         if TRACEPARENT not in event_headers:
             event_headers[TRACEPARENT] = outgoing() or TraceContext.new().header()
         subject = self._subjects.events(topic)
-        data = encode(message, self._codec)
         deadline = time.monotonic() + timeout
         while True:
             attempt = max(0.05, min(PUBLISH_ATTEMPT, deadline - time.monotonic()))

@@ -135,6 +135,15 @@ class Subjects:
         """The agent id a worker request subject addresses."""
         return self._parse_agent_tail(subject, f"{self.worker(worker_id)}.rpc.")
 
+    def cancel(self, agent_id: AgentId) -> str:
+        """``<prefix>.cancel.<type>.<key>``: a caller gave up on a request to the agent
+        (its ``Mesh-Request-Id`` in the header); the worker running it cancels it."""
+        return f"{self.prefix}.cancel.{escape_token(agent_id.type)}.{escape_token(agent_id.key)}"
+
+    def cancel_all(self, agent_type: str) -> str:
+        """The filter a worker hosting `agent_type` listens to for cancellations."""
+        return f"{self.prefix}.cancel.{escape_token(validate_agent_type(agent_type))}.*"
+
     def pool(self, agent_id: AgentId) -> str:
         """``<prefix>.pool.<type>.<key>``: a request any worker of a stateless type may take."""
         return f"{self.prefix}.pool.{escape_token(agent_id.type)}.{escape_token(agent_id.key)}"

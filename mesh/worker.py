@@ -18,7 +18,7 @@ import secrets
 import signal
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,9 +50,17 @@ from mesh._wire import (
     parse_timeout,
     request_codec,
 )
-from mesh.agent import Agent, HandlerSpec, MessageContext, agent_types_of
+from mesh.agent import (
+    Agent,
+    AgentDefinitionError,
+    HandlerSpec,
+    MessageContext,
+    RawMessage,
+    RawReply,
+    agent_types_of,
+)
 from mesh.client import MeshClient
-from mesh.codec import MSGPACK, decode, encode
+from mesh.codec import JSON, MSGPACK, decode, encode
 from mesh.config import StateConfig, WorkerConfig
 from mesh.errors import (
     AgentTypeNotFoundError,
@@ -177,6 +185,9 @@ class Worker(Lifecycle):
         # One heartbeat at a time: two with the same revision would fail each other's CAS.
         self._heartbeat_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        # Requests running or waiting here, by request id: a caller's cancel finds them.
+        self._running: dict[str, asyncio.Task[Any]] = {}
+        self._cancel_subscriptions: list[Any] = []
         self._stop_requested = asyncio.Event()
         self._stopped = asyncio.Event()
         self._state = "new"
@@ -210,15 +221,7 @@ class Worker(Lifecycle):
             handler=self._serve_rpc,
             max_in_flight=self._config.max_in_flight,
         )
-        for name, cls in sorted(self._classes.items()):
-            if cls.stateless:
-                await self._service.add_endpoint(
-                    f"pool-{name}",
-                    subject=self._subjects.pool_all(name),
-                    handler=self._serve_pool,
-                    queue_group=self._subjects.pool_queue(name),
-                    max_in_flight=self._config.max_in_flight,
-                )
+        await self._serve_types(self._classes)
         await self._service.add_endpoint(
             "batch",
             subject=self._subjects.worker_batch(self.id),
@@ -249,17 +252,61 @@ class Worker(Lifecycle):
             asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat:{self.id}"),
             asyncio.create_task(self._eviction_loop(), name=f"evict:{self.id}"),
         ]
+        self._subscribe_declared(self._classes)
+        self._state = "running"
+        logger.info("worker %s serving %s", self.id, ", ".join(self.agent_types))
+
+    async def add_agents(self, agents: Sequence[type[Agent]]) -> None:
+        """Host more agent types, also while running: they are served, registered with
+        the registry and their declared subscriptions made before this returns (the
+        subscriptions only once a router takes them)."""
+        added = agent_types_of(list(agents))
+        for name, cls in added.items():
+            if self._classes.get(name, cls) is not cls:
+                raise AgentDefinitionError(f"worker {self.id} already hosts agent type {name!r}")
+        added = {name: cls for name, cls in added.items() if name not in self._classes}
+        if not added:
+            return
+        if self._state_store is None and any(cls.persistent() for cls in added.values()):
+            self._state_store = StateStore(
+                self._nc.jetstream(), self._subjects, StateConfig.from_env()
+            )
+            self._activations.use_keeper(StateKeeper(self._state_store, writer=self.id))
+            if self._state != "new":
+                await self._state_store.start()
+        self._classes.update(added)
+        if self._state != "running":
+            return  # start() serves and registers them
+        await self._serve_types(added)
+        async with self._heartbeat_lock:
+            await self._register(self._config.register_timeout)
+        self._subscribe_declared(added)
+
+    async def _serve_types(self, classes: dict[str, type[Agent]]) -> None:
+        """Serve the stateless types' pools, and listen for callers' cancellations."""
+        for name, cls in sorted(classes.items()):
+            if cls.stateless:
+                await self._service.add_endpoint(
+                    f"pool-{name}",
+                    subject=self._subjects.pool_all(name),
+                    handler=self._serve_pool,
+                    queue_group=self._subjects.pool_queue(name),
+                    max_in_flight=self._config.max_in_flight,
+                )
+            self._cancel_subscriptions.append(
+                await self._nc.subscribe(self._subjects.cancel_all(name), cb=self._cancel_request)
+            )
+
+    def _subscribe_declared(self, classes: dict[str, type[Agent]]) -> None:
         subscriptions = [
             sub
-            for name, cls in sorted(self._classes.items())
+            for name, cls in sorted(classes.items())
             for sub in declared_subscriptions(cls, name)
         ]
         if subscriptions:
             self._tasks.append(
                 asyncio.create_task(self._subscribe(subscriptions), name=f"subscribe:{self.id}")
             )
-        self._state = "running"
-        logger.info("worker %s serving %s", self.id, ", ".join(self.agent_types))
 
     def request_stop(self) -> None:
         """Ask `run` to shut down gracefully (safe from a signal handler)."""
@@ -299,6 +346,10 @@ class Worker(Lifecycle):
             with contextlib.suppress(MeshError):
                 await self._send_heartbeat()
             await self._service.stop(self._config.drain_timeout)
+            for subscription in self._cancel_subscriptions:
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
+            self._cancel_subscriptions.clear()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -537,12 +588,63 @@ class Worker(Lifecycle):
     async def _handle(
         self, agent_id: AgentId, data: bytes, headers: dict[str, str], request_id: str
     ) -> Reply:
+        cls = self._activations.agent_class(agent_id.type)
+        if cls is not None and cls.raw:
+            return await self._handle_raw(agent_id, data, headers, request_id)
         codec = request_codec(headers)
         spec = self._handler_for(agent_id, headers)
         message = decode(data, spec.message_type, codec)
         timeout = parse_timeout(headers, MAX_HANDLER_TIME, MAX_HANDLER_TIME)
         # This task serves this one request: what the handler sends inherits its deadline.
         current_deadline.set(Deadline(timeout))
+        ctx = self._context(agent_id, spec.message_type_name, request_id, headers, timeout)
+        result = await self._run_handler(
+            agent_id,
+            spec.name,
+            timeout,
+            request_id,
+            headers,
+            lambda a: spec.method(a, message, ctx),
+        )
+        try:
+            body = encode(result, codec)
+        except TypeError as exc:
+            raise HandlerError(f"{spec.name} returned what cannot be encoded: {exc}") from exc
+        return body, {CONTENT_TYPE: codec.content_type, REQUEST_ID: request_id}
+
+    async def _handle_raw(
+        self, agent_id: AgentId, data: bytes, headers: dict[str, str], request_id: str
+    ) -> Reply:
+        """A message for a type that decodes its own: handed over as it came."""
+        timeout = parse_timeout(headers, MAX_HANDLER_TIME, MAX_HANDLER_TIME)
+        current_deadline.set(Deadline(timeout))
+        message = RawMessage(
+            data=data,
+            content_type=headers.get(CONTENT_TYPE) or JSON,
+            message_type=headers.get(MSG_TYPE) or None,
+        )
+        ctx = self._context(agent_id, message.message_type or "", request_id, headers, timeout)
+        reply: RawReply = await self._run_handler(
+            agent_id,
+            "on_raw_message",
+            timeout,
+            request_id,
+            headers,
+            lambda agent: agent.on_raw_message(message, ctx),
+        )
+        reply_headers = {CONTENT_TYPE: reply.content_type, REQUEST_ID: request_id}
+        if reply.message_type:
+            reply_headers[MSG_TYPE] = reply.message_type
+        return reply.data, reply_headers
+
+    def _context(
+        self,
+        agent_id: AgentId,
+        message_type: str,
+        request_id: str,
+        headers: dict[str, str],
+        timeout: float,
+    ) -> MessageContext:
         sender = topic = None
         if headers.get(SENDER):
             with contextlib.suppress(InvalidIdError):
@@ -550,9 +652,9 @@ class Worker(Lifecycle):
         if headers.get(TOPIC):
             with contextlib.suppress(InvalidIdError):
                 topic = TopicId.parse(headers[TOPIC])
-        ctx = MessageContext(
+        return MessageContext(
             agent_id=agent_id,
-            message_type=spec.message_type_name,
+            message_type=message_type,
             request_id=request_id,
             sender=sender,
             worker_id=self.id,
@@ -561,44 +663,64 @@ class Worker(Lifecycle):
             topic=topic,
         )
 
+    async def _run_handler(
+        self,
+        agent_id: AgentId,
+        name: str,
+        timeout: float,
+        request_id: str,
+        headers: dict[str, str],
+        call: Callable[[Agent], Awaitable[Any]],
+    ) -> Any:
+        """Run `call` on the agent in its mailbox, within `timeout`; a caller's cancel
+        notice (`mesh.cancel`) cancels it."""
         epoch = _epoch_of(headers)
 
         async def work(agent: Agent) -> Any:
             if epoch is not None and (agent._epoch is None or epoch > agent._epoch):
                 agent._epoch = epoch  # placed (again) on this worker at that revision
-            return await spec.method(agent, message, ctx)
+            return await call(agent)
 
+        task = asyncio.current_task()
+        if task is not None:
+            self._running[request_id] = task
         deadline = asyncio.timeout(timeout)
         try:
             async with deadline:
-                result = await self._activations.run(agent_id, work)
+                return await self._activations.run(agent_id, work)
         except TimeoutError as exc:
             if deadline.expired():
                 raise DeadlineExceededError(
                     f"{agent_id} did not answer within {timeout:g}s"
                 ) from None
-            raise self._handler_failed(spec, agent_id, request_id, exc) from exc
+            raise self._handler_failed(name, agent_id, request_id, exc) from exc
         except MeshError as exc:
             if exc.remote:
                 # A call the handler made failed: that is this handler's failure, not
                 # the caller's 404 or 504.
-                raise self._handler_failed(spec, agent_id, request_id, exc) from exc
+                raise self._handler_failed(name, agent_id, request_id, exc) from exc
             raise  # raised on purpose, with the code the handler chose
         except Exception as exc:
-            raise self._handler_failed(spec, agent_id, request_id, exc) from exc
-        try:
-            body = encode(result, codec)
-        except TypeError as exc:
-            raise HandlerError(f"{spec.name} returned what cannot be encoded: {exc}") from exc
-        return body, {CONTENT_TYPE: codec.content_type, REQUEST_ID: request_id}
+            raise self._handler_failed(name, agent_id, request_id, exc) from exc
+        finally:
+            if task is not None and self._running.get(request_id) is task:
+                del self._running[request_id]
+
+    async def _cancel_request(self, msg: Msg) -> None:
+        """A caller gave up on a request: cancel it if it runs (or waits) here."""
+        request_id = (msg.headers or {}).get(REQUEST_ID, "")
+        task = self._running.get(request_id)
+        if task is not None and not task.done():
+            logger.info("request %s cancelled by its caller", request_id)
+            task.cancel()
 
     @staticmethod
     def _handler_failed(
-        spec: HandlerSpec, agent_id: AgentId, request_id: str, exc: Exception
+        name: str, agent_id: AgentId, request_id: str, exc: Exception
     ) -> HandlerError:
         logger.error(
             "handler %s of %s failed (request %s)",
-            spec.name,
+            name,
             agent_id,
             request_id,
             exc_info=exc,

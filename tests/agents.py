@@ -386,3 +386,23 @@ class Tracker(Agent, agent_type="tracker", state=Spans):
         await asyncio.sleep(0.01)
         self.state.runs = [*self.state.runs, (ctx.worker_id, started, time.time())][-200:]
         return len(self.state.runs)
+
+
+CANCELLED_SUBJECT = "test.cancelled"
+
+
+class Wait(BaseModel):
+    seconds: float = Field(ge=0, le=60)
+
+
+class Waiter(Agent, agent_type="waiter"):
+    """Waits as long as asked; says on core NATS when a wait was cancelled."""
+
+    @handler
+    async def wait(self, message: Wait, ctx: MessageContext) -> None:
+        try:
+            await asyncio.sleep(message.seconds)
+        except asyncio.CancelledError:
+            if self._client is not None:
+                await self._client.nc.publish(CANCELLED_SUBJECT, ctx.request_id.encode())
+            raise

@@ -15,6 +15,7 @@ from mesh import (
     DeadlineExceededError,
     HandlerError,
     MeshClient,
+    NoWorkerAvailableError,
     UnknownMessageTypeError,
     Worker,
     WorkerConfig,
@@ -141,7 +142,8 @@ async def test_worker_dying_with_the_request_in_flight_answers_by_the_deadline(
     await eventually(lambda: gateway.stats("doomed").inflight == 1, timeout=5)
     doomed.kill()
     result, took = await call
-    assert isinstance(result, DeadlineExceededError)
+    # 504 at the deadline, or 503 sooner if the worker's entry lapsed first.
+    assert isinstance(result, DeadlineExceededError | NoWorkerAvailableError), result
     assert took < DEADLINE + 0.5
 
 
