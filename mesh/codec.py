@@ -76,6 +76,18 @@ class UnsupportedContentTypeError(BadRequestError):
     """The ``Content-Type`` names an encoding mesh does not speak (400)."""
 
 
+#: Bodies the gateway forwards without being able to read them: for agent types that
+#: decode their own messages (``raw=True``), such as AutoGen agents sending protobuf.
+OPAQUE_CONTENT_TYPES = frozenset({"application/x-protobuf", "application/octet-stream"})
+
+
+def is_opaque(content_type: str | None) -> bool:
+    """Whether `content_type` is one mesh forwards but does not decode itself."""
+    if not content_type:
+        return False
+    return content_type.split(";", 1)[0].strip().lower() in OPAQUE_CONTENT_TYPES
+
+
 def codec_for(content_type: str | None) -> Codec:
     """The codec for a ``Content-Type`` header value; JSON when absent.
 

@@ -282,6 +282,13 @@ class Worker(Lifecycle):
             await self._register(self._config.register_timeout)
         self._subscribe_declared(added)
 
+    async def claim(self, agent_id: AgentId) -> bool:
+        """Place `agent_id` on this worker unless it is placed already; whether it is
+        (now) placed here. For agents only this worker can host, such as an instance
+        registered by hand."""
+        placement = await self._placements.place(agent_id, self.id)
+        return placement.worker_id == self.id
+
     async def _serve_types(self, classes: dict[str, type[Agent]]) -> None:
         """Serve the stateless types' pools, and listen for callers' cancellations."""
         for name, cls in sorted(classes.items()):

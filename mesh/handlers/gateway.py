@@ -55,6 +55,7 @@ from mesh._ratelimit import SharedRateLimiter
 from mesh._trace import TraceContext, hop
 from mesh._wire import (
     CLIENT,
+    CONTENT_TYPE,
     EPOCH,
     FORWARDED_HEADERS,
     REQUEST_ID,
@@ -66,6 +67,7 @@ from mesh._wire import (
     parse_timeout,
     request_codec,
 )
+from mesh.codec import is_opaque
 from mesh.config import AuthConfig, GatewayConfig, RegistryConfig
 from mesh.errors import (
     AgentTypeNotFoundError,
@@ -335,7 +337,8 @@ class Gateway(Lifecycle):
                 f"payload of {len(msg.data)} bytes is over the limit of {self._config.max_payload}"
             )
         client_id = self._admit(agent_id, headers)
-        request_codec(headers)
+        if not is_opaque(headers.get(CONTENT_TYPE)):
+            request_codec(headers)  # refused here, before any worker is bothered
         deadline = Deadline(
             parse_timeout(headers, self._config.default_timeout, self._config.max_timeout)
         )

@@ -1,0 +1,319 @@
+"""AutoGen agents on mesh: NatsAgentRuntime across runtimes and processes."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter as Tally
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from autogen_core import (
+    AgentId,
+    CancellationToken,
+    DefaultTopicId,
+    TopicId,
+    TypePrefixSubscription,
+    TypeSubscription,
+    try_get_known_serializers_for_type,
+)
+from autogen_core.exceptions import CantHandleException, UndeliverableException
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from mesh.autogen import AgentHandlerError, NatsAgentRuntime
+from mesh.config import EventsConfig, WorkerConfig
+from mesh.handlers.gateway import Gateway
+from mesh.handlers.router import Router
+from mesh.handlers.state import StateService
+from mesh.subjects import Subjects
+from mesh.testing import eventually
+from tests.autogen_agents import (
+    SEEN_SUBJECT,
+    Counter,
+    Echo,
+    Fail,
+    Nothing,
+    Ping,
+    Pong,
+    Unhandled,
+)
+
+Runtimes = Callable[..., NatsAgentRuntime]
+
+
+@pytest.fixture
+async def router(
+    nc: NATS, subjects: Subjects, state_service: StateService
+) -> AsyncIterator[Router]:
+    config = EventsConfig(max_deliveries=3, retry_delay=0.05, handler_timeout=5.0, ack_wait=10.0)
+    async with Router(nc, subjects, config) as service:
+        yield service
+
+
+@pytest.fixture
+def services(gateway: Gateway, router: Router) -> Gateway:
+    """Every mesh service the runtimes need; the gateway, to watch workers come."""
+    return gateway
+
+
+@pytest.fixture
+async def runtimes(nats_url: str, subjects: Subjects, services: Gateway) -> AsyncIterator[Runtimes]:
+    made: list[NatsAgentRuntime] = []
+
+    def make(name: str, capacity: int = 64) -> NatsAgentRuntime:
+        runtime = NatsAgentRuntime(
+            nats_url,
+            prefix=subjects.prefix,
+            worker_config=WorkerConfig(worker_id=name, heartbeat_interval=0.3, capacity=capacity),
+            timeout=10,
+        )
+        made.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in made:
+        await runtime.close()
+
+
+@pytest.fixture
+async def seen(nc: NATS) -> AsyncIterator[list[str]]:
+    """What the test agents announce having handled."""
+    lines: list[str] = []
+
+    async def note(msg: Msg) -> None:
+        lines.append(msg.data.decode())
+
+    sub = await nc.subscribe(SEEN_SUBJECT, cb=note)
+    yield lines
+    await sub.unsubscribe()
+
+
+async def _hosting(runtimes: Runtimes, gateway: Gateway, agent_type: str) -> NatsAgentRuntime:
+    """Runtime "a", hosting echo and counter."""
+    host = runtimes("a", capacity=2048)
+    await host.start()
+    await Echo.register(host, "echo", lambda: Echo("a"))
+    await Counter.register(host, "counter", Counter)
+    await eventually(lambda: gateway.directory.live_workers(agent_type), timeout=15)
+    return host
+
+
+async def test_a_message_sent_from_one_runtime_is_answered_by_an_agent_on_another(
+    runtimes: Runtimes, services: Gateway
+) -> None:
+    await _hosting(runtimes, services, "echo")
+    caller = runtimes("b")
+    await caller.start()
+    caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    reply = await caller.send_message(Ping("hi"), AgentId("echo", "k1"))
+    assert reply == Pong("hi", "echo/k1", "a")
+
+
+async def test_unknown_type_none_reply_and_unhandled_type_are_answered_promptly(
+    runtimes: Runtimes, services: Gateway
+) -> None:
+    await _hosting(runtimes, services, "echo")
+    caller = runtimes("b")
+    await caller.start()
+    async with asyncio.timeout(5):  # each answered at once, not at the 10 s deadline
+        with pytest.raises(UndeliverableException, match="nobody"):
+            await caller.send_message(Ping("x"), AgentId("nobody", "k"))
+        assert await caller.send_message(Nothing(), AgentId("echo", "k")) is None
+        with pytest.raises(CantHandleException, match="Unhandled"):
+            await caller.send_message(Unhandled(), AgentId("echo", "k"))
+
+
+async def test_a_handler_raising_reaches_the_caller_with_its_message_and_type(
+    runtimes: Runtimes, services: Gateway
+) -> None:
+    await _hosting(runtimes, services, "echo")
+    caller = runtimes("b")
+    await caller.start()
+    with pytest.raises(AgentHandlerError, match="boom") as raised:
+        await caller.send_message(Fail("boom"), AgentId("echo", "k"))
+    assert raised.value.exception_type == "ValueError"
+    assert raised.value.detail == "boom"
+
+
+async def test_many_concurrent_callers_each_get_their_own_replies(
+    runtimes: Runtimes, services: Gateway
+) -> None:
+    await _hosting(runtimes, services, "echo")
+    callers = [runtimes("b"), runtimes("c")]
+    for caller in callers:
+        await caller.start()
+        caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+
+    async def one(caller: NatsAgentRuntime, n: int) -> tuple[str, str]:
+        text = f"{caller.worker_id}-{n}"
+        reply = await caller.send_message(Ping(text), AgentId("echo", f"k{n % 20}"))
+        return text, reply.text
+
+    pairs = await asyncio.gather(*(one(c, n) for c in callers for n in range(500)))
+    assert len(pairs) == 1000
+    assert all(sent == got for sent, got in pairs)
+
+
+async def test_calls_to_one_agent_never_overlap(runtimes: Runtimes, services: Gateway) -> None:
+    from tests.autogen_agents import Sequential, Span
+
+    host = runtimes("a")
+    await host.start()
+    await Sequential.register(host, "sequential", Sequential)
+    await eventually(lambda: services.directory.live_workers("sequential"), timeout=15)
+    callers = [runtimes("b"), runtimes("c")]
+    for caller in callers:
+        await caller.start()
+        caller.add_message_serializer(try_get_known_serializers_for_type(Span))
+    spans = await asyncio.gather(
+        *(
+            c.send_message(Ping("x", delay=0.02), AgentId("sequential", "one"))
+            for c in callers
+            for _ in range(10)
+        )
+    )
+    ordered = sorted((s.started, s.ended) for s in spans)
+    assert all(ended <= start for (_, ended), (start, _) in itertools.pairwise(ordered))
+
+
+async def test_cancelling_the_callers_token_cancels_the_remote_handler(
+    runtimes: Runtimes, services: Gateway, seen: list[str]
+) -> None:
+    from tests.autogen_agents import Patient
+
+    host = runtimes("a")
+    await host.start()
+    await Patient.register(host, "patient", Patient)
+    await eventually(lambda: services.directory.live_workers("patient"), timeout=15)
+    caller = runtimes("b")
+    await caller.start()
+    caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    token = CancellationToken()
+    call = asyncio.create_task(
+        caller.send_message(
+            Ping("wait", delay=30), AgentId("patient", "p"), cancellation_token=token
+        )
+    )
+    await eventually(lambda: services._waiting_on.get("a"), timeout=10)
+    token.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    # The handler was cancelled, and its own cancellation token says so.
+    await eventually(lambda: "cancelled|wait|True" in seen, timeout=10)
+    reply = await caller.send_message(Ping("next"), AgentId("patient", "p"))
+    assert reply.text == "next"  # the agent's mailbox is free again
+
+
+async def test_publish_reaches_type_prefix_and_default_subscribers_exactly(
+    runtimes: Runtimes, services: Gateway, router: Router, seen: list[str]
+) -> None:
+    from tests.autogen_agents import DefaultReader, Listener, NewsReader, Note
+
+    a, b = runtimes("a"), runtimes("b")
+    await a.start()
+    await b.start()
+    await NewsReader.register(a, "news-reader", NewsReader)  # @type_subscription("news")
+    await DefaultReader.register(b, "default-reader", DefaultReader)  # @default_subscription
+    await Listener.register(b, "sports-fan", Listener)
+    await b.add_subscription(TypePrefixSubscription("sports.", "sports-fan"))
+    for agent_type in ("news-reader", "default-reader", "sports-fan"):
+        await eventually(lambda t=agent_type: services.directory.live_workers(t), timeout=15)
+    # Each type's subscriptions, plus its direct-message prefix ("<type>:").
+    await _covered(router, {"news-reader": 2, "default-reader": 2, "sports-fan": 2})
+
+    await a.publish_message(Note("n1"), TopicId("news", "src1"))
+    await b.publish_message(Note("d1"), DefaultTopicId())
+    await b.publish_message(Note("s1"), TopicId("sports.football", "src2"))
+    await b.publish_message(Note("x1"), TopicId("weather", "src3"))  # nobody's
+    expected = {
+        "news-reader/src1|news/src1|n1",
+        "default-reader/default|default/default|d1",
+        "sports-fan/src2|sports.football/src2|s1",
+    }
+    await eventually(lambda: set(seen) == expected, timeout=15)
+    await _quiet(seen)  # and nothing more arrives (x1 has no subscriber)
+    assert sorted(seen) == sorted(expected)
+
+
+async def test_removing_a_subscription_stops_delivery(
+    runtimes: Runtimes, services: Gateway, router: Router, seen: list[str]
+) -> None:
+    from tests.autogen_agents import Listener, Note
+
+    a = runtimes("a")
+    await a.start()
+    await Listener.register(a, "listener", Listener)
+    subscription = TypeSubscription("alerts", "listener")
+    await a.add_subscription(subscription)
+    await _covered(router, {"listener": 2})
+    await a.publish_message(Note("before"), TopicId("alerts", "s"))
+    await eventually(lambda: "listener/s|alerts/s|before" in seen, timeout=15)
+    await a.remove_subscription(subscription.id)
+    with pytest.raises(LookupError):
+        await a.remove_subscription(subscription.id)
+    await a.publish_message(Note("after"), TopicId("alerts", "s"))
+    await a.publish_message(Note("marker"), TopicId("listener:direct", "s"))  # still wanted
+    await eventually(lambda: any(line.endswith("|marker") for line in seen), timeout=15)
+    assert not any(line.endswith("|after") for line in seen)
+
+
+async def test_an_agent_does_not_get_its_own_publication(
+    runtimes: Runtimes, services: Gateway, router: Router, seen: list[str]
+) -> None:
+    from tests.autogen_agents import Note, Publisher
+
+    a = runtimes("a")
+    await a.start()
+    await Publisher.register(a, "publisher", Publisher)
+    await a.add_subscription(TypeSubscription("news", "publisher"))
+    await a.add_subscription(TypeSubscription("start", "publisher"))
+    await _covered(router, {"publisher": 3})
+    # publisher/s1 hears "start" and publishes on news/s1: as the sender, it must not hear it.
+    await a.publish_message(Note("go"), TopicId("start", "s1"))
+    await eventually(lambda: "publisher/s1|start/s1|go" in seen, timeout=15)
+    await a.publish_message(Note("control"), TopicId("news", "s1"))  # from no agent: heard
+    await eventually(lambda: "publisher/s1|news/s1|control" in seen, timeout=15)
+    assert not any(line.startswith("publisher/s1|news/s1|go") for line in seen)
+
+
+async def test_a_publish_cascade_over_two_runtimes_has_exact_counts(
+    runtimes: Runtimes, services: Gateway, router: Router, seen: list[str]
+) -> None:
+    from tests.autogen_agents import Cascade, Note
+
+    a, b = runtimes("a"), runtimes("b")
+    await a.start()
+    await b.start()
+    for level in range(1, 5):  # levels 1 and 3 on a, 2 and 4 on b
+        host = a if level % 2 else b
+        await Cascade.register(host, f"level{level}", lambda n=level: Cascade(n, 4))
+        await host.add_subscription(TypeSubscription(f"level{level}", f"level{level}"))
+    await _covered(router, {f"level{n}": 2 for n in range(1, 5)})
+    for n in range(5):
+        await a.publish_message(Note(f"m{n}"), TopicId("level1", "c"))
+    await eventually(lambda: len(seen) >= 20, timeout=20)
+    await _quiet(seen)  # and no more than that
+    counts = Tally(line.split("|")[0] for line in seen)
+    assert counts == {f"level{n}/c": 5 for n in range(1, 5)}
+    assert len(seen) == len(set(seen)) == 20
+
+
+async def _quiet(seen: list[str], period: float = 0.5) -> None:
+    """Absence has no event to wait for: give a stray delivery `period` to show up."""
+    count = len(seen)
+    await asyncio.sleep(period)
+    assert len(seen) == count, seen[count:]
+
+
+async def _covered(router: Router, wanted: dict[str, int]) -> None:
+    """Wait until the router's consumers cover each type's subscriptions: events
+    published before that would not be delivered."""
+
+    def covered() -> bool:
+        return all(
+            (d := router.dispatcher(agent_type)) is not None and len(d.subscriptions) >= count
+            for agent_type, count in wanted.items()
+        )
+
+    await eventually(covered, timeout=15, message=f"subscriptions {wanted}")
