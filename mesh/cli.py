@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import contextlib
 import importlib
+import inspect
 import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
 
@@ -66,6 +67,19 @@ def load_agent_class(spec: str) -> type[Agent]:
     if not (isinstance(cls, type) and issubclass(cls, Agent)):
         raise BadRequestError(f"{spec} is not an Agent subclass")
     return cls
+
+
+def load_function(spec: str) -> Callable[[Any], Awaitable[None] | None]:
+    """Import ``module:function`` (the current directory is importable)."""
+    module_name, sep, name = spec.partition(":")
+    if not sep or not module_name or not name:
+        raise BadRequestError(f"expected MODULE:function, not {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    function = getattr(importlib.import_module(module_name), name, None)
+    if not callable(function):
+        raise BadRequestError(f"{spec} is not a function")
+    return cast(Callable[[Any], Awaitable[None] | None], function)
 
 
 # Process plumbing
@@ -255,7 +269,38 @@ async def serve_worker(args: argparse.Namespace, agents: Sequence[type[Agent]]) 
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
+    if args.autogen:
+        if args.agents:
+            raise BadRequestError("give either MODULE:Class agents or --autogen, not both")
+        return await serve_autogen(args, load_function(args.autogen))
+    if not args.agents:
+        raise BadRequestError("which agents? mesh worker MODULE:Class [...]")
     return await serve_worker(args, [load_agent_class(spec) for spec in args.agents])
+
+
+async def serve_autogen(
+    args: argparse.Namespace, register: Callable[[Any], Awaitable[None] | None]
+) -> int:
+    """Host AutoGen agents: `register` registers them on a `NatsAgentRuntime`."""
+    from mesh.autogen import NatsAgentRuntime
+
+    subjects = Subjects(args.prefix)
+    connect_config = ConnectConfig.from_env({**os.environ, "MESH_NATS_URL": args.nats or ""})
+    nc = await connect(connect_config, name=f"{subjects.prefix}-autogen-worker")
+    try:
+        runtime = NatsAgentRuntime(nc=nc, prefix=subjects.prefix, worker_config=worker_config(args))
+        await runtime.start()
+        try:
+            registered = register(runtime)
+            if inspect.isawaitable(registered):
+                await registered
+            print(f"worker {runtime.worker_id} hosting AutoGen agents", flush=True)
+            await runtime.stop_when_signal()
+        finally:
+            await runtime.close()
+    finally:
+        await close_connection(nc)
+    return 0
 
 
 async def cmd_call(args: argparse.Namespace) -> int:
@@ -564,7 +609,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("services", nargs="+", choices=SERVICES)
 
     worker = commands.add_parser("worker", help="host agent types: mesh worker MODULE:Class")
-    worker.add_argument("agents", nargs="+", metavar="MODULE:Class")
+    worker.add_argument("agents", nargs="*", metavar="MODULE:Class")
+    worker.add_argument(
+        "--autogen",
+        metavar="MODULE:function",
+        help="host AutoGen agents: the function registers them on the runtime it is given",
+    )
     add_worker_options(worker)
 
     call = commands.add_parser("call", help="send a request to an agent and print the reply")

@@ -21,6 +21,7 @@ from autogen_core.exceptions import CantHandleException, UndeliverableException
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from mesh import MeshError
 from mesh.autogen import AgentHandlerError, NatsAgentRuntime
 from mesh.config import EventsConfig, WorkerConfig
 from mesh.handlers.gateway import Gateway
@@ -30,6 +31,8 @@ from mesh.subjects import Subjects
 from mesh.testing import eventually
 from tests.autogen_agents import (
     SEEN_SUBJECT,
+    Add,
+    Count,
     Counter,
     Echo,
     Fail,
@@ -317,3 +320,119 @@ async def _covered(router: Router, wanted: dict[str, int]) -> None:
         )
 
     await eventually(covered, timeout=15, message=f"subscriptions {wanted}")
+
+
+async def test_a_process_hosting_the_type_dies_mid_call_and_a_new_one_takes_over(
+    runtimes: Runtimes, services: Gateway, spawn_worker: type
+) -> None:
+    autogen = ["--autogen", "tests.autogen_agents:register"]
+    first = spawn_worker(worker_id="ag-first", extra_args=autogen)
+    await eventually(lambda: services.directory.live_workers("echo"), timeout=20)
+    caller = runtimes("b")
+    await caller.start()
+    caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    assert (await caller.send_message(Ping("up"), AgentId("echo", "k"))).runtime == "ag-first"
+
+    call = asyncio.create_task(caller.send_message(Ping("doomed", delay=30), AgentId("echo", "k")))
+    await eventually(lambda: services._waiting_on.get("ag-first"), timeout=10)
+    started = asyncio.get_running_loop().time()
+    first.kill()
+    with pytest.raises(MeshError) as raised:
+        await call
+    assert raised.value.code == 503  # "went away", well before the 10 s timeout
+    assert asyncio.get_running_loop().time() - started < 8
+
+    spawn_worker(worker_id="ag-second", extra_args=autogen)
+    await eventually(
+        lambda: [w.id for w in services.directory.live_workers("echo")] == ["ag-second"],
+        timeout=20,
+    )
+    reply = await caller.send_message(Ping("again"), AgentId("echo", "k"))
+    assert reply.runtime == "ag-second"
+
+
+async def test_runtime_state_saved_in_one_runtime_loads_into_a_fresh_one(
+    runtimes: Runtimes, services: Gateway
+) -> None:
+    first = runtimes("first")
+    await first.start()
+    await Counter.register(first, "counter", Counter)
+    await eventually(lambda: services.directory.live_workers("counter"), timeout=15)
+    for key, by in (("c1", 3), ("c2", 5), ("c1", 4)):
+        reply = await first.send_message(Add(by), AgentId("counter", key))
+    assert reply == Count(value=7)
+    saved = await first.save_state()
+    assert saved == {"counter/c1": {"value": 7}, "counter/c2": {"value": 5}}
+    assert await first.agent_save_state(AgentId("counter", "c2")) == {"value": 5}
+    await first.close()
+
+    fresh = runtimes("fresh")
+    await fresh.start()
+    await Counter.register(fresh, "counter", Counter)
+    await eventually(
+        lambda: [w.id for w in services.directory.live_workers("counter")] == ["fresh"],
+        timeout=15,
+    )
+    await fresh.load_state({"counter/c1": {"value": 100}, "counter/c3": {"value": 1}})
+    assert await fresh.send_message(Add(1), AgentId("counter", "c1")) == Count(value=101)
+    assert await fresh.send_message(Add(1), AgentId("counter", "c3")) == Count(value=2)
+    # c2 was not in what was loaded: it carries on from what mesh saved for it.
+    assert await fresh.send_message(Add(1), AgentId("counter", "c2")) == Count(value=6)
+
+
+async def test_an_agentchat_round_robin_team_runs_with_its_agents_on_two_runtimes(
+    runtimes: Runtimes, services: Gateway, router: Router
+) -> None:
+    from autogen_agentchat.agents import AssistantAgent
+    from autogen_agentchat.conditions import MaxMessageTermination
+    from autogen_agentchat.teams import RoundRobinGroupChat
+    from autogen_agentchat.teams._group_chat._chat_agent_container import ChatAgentContainer
+    from autogen_ext.models.replay import ReplayChatCompletionClient
+
+    a, b = runtimes("a"), runtimes("b")
+    await a.start()
+    await b.start()
+    alice = AssistantAgent(
+        "alice", model_client=ReplayChatCompletionClient(["Hello Bob.", "Bye Bob."])
+    )
+    bob = AssistantAgent("bob", model_client=ReplayChatCompletionClient(["Hi Alice.", "Bye."]))
+    team = RoundRobinGroupChat(
+        [alice, bob], termination_condition=MaxMessageTermination(5), runtime=a
+    )
+    # Bob's container is hosted by runtime b only; alice and the manager by a.
+    await ChatAgentContainer.register(
+        b,
+        type=team._participant_topic_types[1],
+        factory=team._create_participant_factory(
+            team._group_topic_type, team._output_topic_type, bob, team._message_factory
+        ),
+    )
+    original_register = ChatAgentContainer.register
+
+    async def register_elsewhere(runtime: object, type: str, factory: object) -> object:
+        if type == team._participant_topic_types[1]:
+            from autogen_core import AgentType
+
+            return AgentType(type)  # already hosted by b
+        return await original_register(runtime, type=type, factory=factory)  # type: ignore[arg-type]
+
+    ChatAgentContainer.register = register_elsewhere  # type: ignore[method-assign,assignment]
+    try:
+        await team._init(a)
+    finally:
+        ChatAgentContainer.register = original_register  # type: ignore[method-assign]
+    bob_type = team._participant_topic_types[1]
+    await eventually(
+        lambda: [w.id for w in services.directory.live_workers(bob_type)] == ["b"], timeout=15
+    )
+    await _covered(router, {bob_type: 2, team._participant_topic_types[0]: 2})
+
+    result = await asyncio.wait_for(team.run(task="Start."), timeout=60)
+    spoken = [(m.source, m.to_text()) for m in result.messages]
+    assert spoken == [
+        ("user", "Start."),
+        ("alice", "Hello Bob."),
+        ("bob", "Hi Alice."),
+        ("alice", "Bye Bob."),
+        ("bob", "Bye."),
+    ]

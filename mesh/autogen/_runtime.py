@@ -326,7 +326,7 @@ class NatsAgentRuntime(AgentRuntime):
     def add_message_serializer(
         self, serializer: MessageSerializer[Any] | Sequence[MessageSerializer[Any]]
     ) -> None:
-        self._codec.registry.add_serializer(serializer)
+        self._codec.add(serializer)
 
     # Messages
 

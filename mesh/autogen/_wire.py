@@ -8,16 +8,19 @@ is ``None``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from autogen_core import (
     JSON_DATA_CONTENT_TYPE,
     PROTOBUF_DATA_CONTENT_TYPE,
+    MessageSerializer,
     try_get_known_serializers_for_type,
 )
 from autogen_core._serialization import SerializationRegistry
 
 from mesh._wire import CONTENT_TYPE, MSG_TYPE
+from mesh.autogen._polymorphic import polymorphic
 from mesh.errors import DecodeError, UnknownMessageTypeError
 
 #: Reserved message types: an agent's state, read and written in its own mailbox.
@@ -41,6 +44,13 @@ class AutogenCodec:
         self.registry = registry
         self._preferred = preferred
 
+    def add(self, serializers: MessageSerializer[Any] | Sequence[MessageSerializer[Any]]) -> None:
+        """Use these serializers (pydantic ones read nested AgentChat messages back as
+        their own classes: `PolymorphicJsonSerializer`)."""
+        if not isinstance(serializers, Sequence):
+            serializers = [serializers]
+        self.registry.add_serializer([polymorphic(s) for s in serializers])
+
     def encode(self, message: Any) -> tuple[bytes, dict[str, str]]:
         """The body and headers of `message`; ``None`` is an empty body with no type.
 
@@ -54,7 +64,7 @@ class AutogenCodec:
         if content_type is None:
             # Replies and published types need no registration when AutoGen can
             # serialize them by their class (dataclasses, pydantic, protobuf).
-            self.registry.add_serializer(try_get_known_serializers_for_type(type(message)))
+            self.add(try_get_known_serializers_for_type(type(message)))
             content_type = self._encoding(type_name)
         if content_type is None:
             raise ValueError(
