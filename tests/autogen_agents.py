@@ -19,6 +19,7 @@ from autogen_core import (
     rpc,
     type_subscription,
 )
+from google.protobuf.wrappers_pb2 import StringValue
 from pydantic import BaseModel
 
 #: Core NATS subject on which agents announce what they handled, across processes.
@@ -234,3 +235,53 @@ async def register(runtime: AgentRuntime) -> None:
 
 
 __all__ = ["DefaultTopicId"]
+
+
+@dataclass
+class Traces:
+    outer: str
+    inner: str
+
+
+class TraceProbe(RoutedAgent):
+    """Answers with the trace context its handler runs in."""
+
+    def __init__(self) -> None:
+        super().__init__("trace probe")
+
+    @message_handler
+    async def probe(self, message: Ping, ctx: MessageContext) -> Pong:
+        from mesh._trace import outgoing
+
+        return Pong(outgoing() or "", str(self.id), "")
+
+
+class TraceAsker(RoutedAgent):
+    """Asks the probe from inside its handler; answers with both trace contexts."""
+
+    def __init__(self) -> None:
+        super().__init__("trace asker")
+
+    @message_handler
+    async def ask(self, message: Ask, ctx: MessageContext) -> Traces:
+        from mesh._trace import outgoing
+
+        mine = outgoing() or ""
+        reply: Pong = await self.send_message(Ping("probe"), AgentId(message.target, "k"))
+        return Traces(mine, reply.text)
+
+
+@dataclass
+class Wrapped:
+    value: str
+
+
+class ProtoEcho(RoutedAgent):
+    """Takes and returns a protobuf message."""
+
+    def __init__(self) -> None:
+        super().__init__("protobuf echo")
+
+    @message_handler
+    async def echo(self, message: StringValue, ctx: MessageContext) -> StringValue:
+        return StringValue(value=message.value.upper())

@@ -7,6 +7,7 @@ import itertools
 from collections import Counter as Tally
 from collections.abc import AsyncIterator, Callable
 
+import orjson
 import pytest
 from autogen_core import (
     AgentId,
@@ -21,7 +22,8 @@ from autogen_core.exceptions import CantHandleException, UndeliverableException
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from mesh import MeshError
+from mesh import MeshClient, MeshError
+from mesh import ids as mesh_ids
 from mesh.autogen import AgentHandlerError, NatsAgentRuntime
 from mesh.config import EventsConfig, WorkerConfig
 from mesh.handlers.gateway import Gateway
@@ -125,6 +127,16 @@ async def test_unknown_type_none_reply_and_unhandled_type_are_answered_promptly(
         assert await caller.send_message(Nothing(), AgentId("echo", "k")) is None
         with pytest.raises(CantHandleException, match="Unhandled"):
             await caller.send_message(Unhandled(), AgentId("echo", "k"))
+
+
+async def test_a_reply_of_a_type_the_caller_cannot_read_is_a_clear_local_error(
+    runtimes: Runtimes, services: Gateway
+) -> None:
+    await _hosting(runtimes, services, "echo")
+    caller = runtimes("b")
+    await caller.start()  # no serializer for Pong here
+    with pytest.raises(ValueError, match="add_message_serializer"):
+        await caller.send_message(Ping("x"), AgentId("echo", "k"))
 
 
 async def test_a_handler_raising_reaches_the_caller_with_its_message_and_type(
@@ -436,3 +448,66 @@ async def test_an_agentchat_round_robin_team_runs_with_its_agents_on_two_runtime
         ("alice", "Bye Bob."),
         ("bob", "Bye."),
     ]
+
+
+async def test_protobuf_messages_travel_as_protobuf(runtimes: Runtimes, services: Gateway) -> None:
+    from google.protobuf.wrappers_pb2 import StringValue
+
+    from tests.autogen_agents import ProtoEcho
+
+    host = runtimes("a")
+    await host.start()
+    await ProtoEcho.register(host, "proto-echo", ProtoEcho)
+    await eventually(lambda: services.directory.live_workers("proto-echo"), timeout=15)
+    caller = runtimes("b")
+    await caller.start()
+    caller.add_message_serializer(try_get_known_serializers_for_type(StringValue))
+    reply = await caller.send_message(StringValue(value="quiet"), AgentId("proto-echo", "k"))
+    assert reply == StringValue(value="QUIET")
+
+
+async def test_the_trace_context_follows_a_message_into_nested_sends(
+    runtimes: Runtimes, services: Gateway
+) -> None:
+    from tests.autogen_agents import Ask, TraceAsker, TraceProbe, Traces
+
+    a, b = runtimes("a"), runtimes("b")
+    await a.start()
+    await b.start()
+    await TraceAsker.register(a, "asker", TraceAsker)
+    await TraceProbe.register(b, "probe", TraceProbe)
+    for agent_type in ("asker", "probe"):
+        await eventually(lambda t=agent_type: services.directory.live_workers(t), timeout=15)
+    a.add_message_serializer(try_get_known_serializers_for_type(Pong))  # the probe's reply
+    b.add_message_serializer(try_get_known_serializers_for_type(Traces))
+    traces = await b.send_message(Ask("probe", "x"), AgentId("asker", "k"))
+    outer, inner = traces.outer.split("-"), traces.inner.split("-")
+    assert len(outer) == len(inner) == 4
+    assert outer[1] == inner[1]  # one trace id across both hops
+    assert outer[2] != inner[2]  # each hop its own span
+
+
+async def test_bad_messages_to_an_autogen_agent_get_400_with_the_protocols_codes(
+    nc: NATS, subjects: Subjects, runtimes: Runtimes, services: Gateway
+) -> None:
+    await _hosting(runtimes, services, "counter")
+    client = MeshClient(nc, subjects=subjects)
+    target = mesh_ids.AgentId("counter", "bad")
+
+    async def send(message_type: str, body: bytes) -> MeshError:
+        headers = {"Content-Type": "application/json", "Mesh-Msg-Type": message_type}
+        with pytest.raises(MeshError) as raised:
+            await client.send_raw(target, body, headers=headers, timeout=5)
+        return raised.value
+
+    unknown = await send("NoSuchType", b"{}")
+    assert (unknown.code, unknown.wire_type) == (400, "UnknownMessageType")
+    garbled = await send("Add", b"not json")
+    assert (garbled.code, garbled.wire_type) == (400, "InvalidPayload")
+    bad_state = await send("mesh.autogen.LoadState", b"[1, 2]")
+    assert (bad_state.code, bad_state.wire_type) == (400, "InvalidPayload")
+    # None of it reached the agent's state.
+    reply = await client.send_raw(
+        target, b'{"by": 1}', headers={"Content-Type": "application/json", "Mesh-Msg-Type": "Add"}
+    )
+    assert orjson.loads(reply.data) == {"value": 1}

@@ -367,7 +367,13 @@ class NatsAgentRuntime(AgentRuntime):
             raise autogen_error(exc) from None
         finally:
             self._leave()
-        return self._codec.decode(reply.data, dict(reply.headers or {}))
+        try:
+            return self._codec.decode(reply.data, dict(reply.headers or {}))
+        except MeshError as exc:  # this runtime's own failure to read it, not the recipient's
+            raise ValueError(
+                f"the reply from {recipient} cannot be read here: {exc.message}; register its"
+                " type with runtime.add_message_serializer(try_get_known_serializers_for_type(...))"
+            ) from None
 
     async def publish_message(
         self,
