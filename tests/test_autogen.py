@@ -511,3 +511,60 @@ async def test_bad_messages_to_an_autogen_agent_get_400_with_the_protocols_codes
         target, b'{"by": 1}', headers={"Content-Type": "application/json", "Mesh-Msg-Type": "Add"}
     )
     assert orjson.loads(reply.data) == {"value": 1}
+
+
+async def test_several_runtimes_hosting_one_type_share_its_agents(
+    runtimes: Runtimes, services: Gateway
+) -> None:
+    hosts = [runtimes("a"), runtimes("c")]
+    for host in hosts:
+        await host.start()
+        await Echo.register(host, "echo", lambda h=host: Echo(str(h.worker_id)))
+    await eventually(lambda: len(services.directory.live_workers("echo")) == 2, timeout=15)
+    caller = runtimes("b")
+    await caller.start()
+    caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    first = {
+        n: (await caller.send_message(Ping("x"), AgentId("echo", f"k{n}"))).runtime
+        for n in range(40)
+    }
+    assert set(first.values()) == {"a", "c"}
+    again = {
+        n: (await caller.send_message(Ping("x"), AgentId("echo", f"k{n}"))).runtime
+        for n in range(40)
+    }
+    assert again == first  # each agent stays where it was placed
+
+
+async def test_a_registered_instance_is_the_one_that_answers(
+    runtimes: Runtimes, services: Gateway
+) -> None:
+    host = runtimes("a")
+    await host.start()
+    instance = Echo("hand-made")
+    await host.register_agent_instance(instance, AgentId("solo", "only"))
+    await eventually(lambda: services.directory.live_workers("solo"), timeout=15)
+    caller = runtimes("b")
+    await caller.start()
+    caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    reply = await caller.send_message(Ping("x"), AgentId("solo", "only"))
+    assert reply.runtime == "hand-made"
+    assert await host.try_get_underlying_agent_instance(AgentId("solo", "only"), Echo) is instance
+    assert (await host.agent_metadata(AgentId("solo", "only")))["description"] == "echo"
+    with pytest.raises(MeshError, match="not registered here") as raised:
+        await caller.send_message(Ping("x"), AgentId("solo", "other"))
+    assert raised.value.code == 400
+
+
+async def test_stop_when_idle_waits_for_the_message_in_hand(
+    runtimes: Runtimes, services: Gateway
+) -> None:
+    host = await _hosting(runtimes, services, "echo")
+    caller = runtimes("b")
+    await caller.start()
+    caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    call = asyncio.create_task(caller.send_message(Ping("slow", delay=0.5), AgentId("echo", "k")))
+    await eventually(lambda: services._waiting_on.get("a"), timeout=10)
+    await asyncio.wait_for(host.stop_when_idle(), timeout=10)
+    assert (await call).text == "slow"  # finished, not cut off
+    await eventually(lambda: not services.directory.live_workers("echo"), timeout=15)

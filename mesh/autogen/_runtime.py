@@ -251,6 +251,9 @@ class NatsAgentRuntime(AgentRuntime):
                 "Agent factories and agent instances cannot be registered to the same type."
             )
         await agent_instance.bind_id_and_runtime(id=agent_id, runtime=self)
+        if isinstance(agent_instance, BaseAgent):  # what it handles must be readable here
+            for _, serializers in type(agent_instance)._handles_types():
+                self.add_message_serializer(serializers)
         self._fixed[agent_id] = agent_instance
         if agent_id.type not in self._factories:
 
