@@ -568,3 +568,21 @@ async def test_stop_when_idle_waits_for_the_message_in_hand(
     await asyncio.wait_for(host.stop_when_idle(), timeout=10)
     assert (await call).text == "slow"  # finished, not cut off
     await eventually(lambda: not services.directory.live_workers("echo"), timeout=15)
+
+
+async def test_an_autogen_worker_process_drains_and_leaves_on_sigterm(
+    runtimes: Runtimes, services: Gateway, spawn_worker: type
+) -> None:
+    worker = spawn_worker(
+        worker_id="ag-term", extra_args=["--autogen", "tests.autogen_agents:register"]
+    )
+    await eventually(lambda: services.directory.live_workers("echo"), timeout=20)
+    caller = runtimes("b")
+    await caller.start()
+    caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    call = asyncio.create_task(caller.send_message(Ping("last", delay=0.5), AgentId("echo", "k")))
+    await eventually(lambda: services._waiting_on.get("ag-term"), timeout=10)
+    worker.terminate()
+    assert (await call).text == "last"  # the message in hand was finished
+    assert await worker.wait(15) == 0
+    await eventually(lambda: not services.directory.live_workers("echo"), timeout=10)

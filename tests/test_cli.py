@@ -98,6 +98,22 @@ async def test_worker_command_refuses_a_bad_agent_spec(nats_url: str, subjects: 
     code, _, err = await _mesh(nats_url, subjects, "worker", "workers.echo:Ping")
     assert code == 1
     assert "not an Agent subclass" in err
+    code, _, err = await _mesh(nats_url, subjects, "worker")
+    assert code == 1
+    assert "which agents?" in err
+    code, _, err = await _mesh(nats_url, subjects, "worker", "--autogen", "tests.nowhere")
+    assert code == 1
+    assert "MODULE:function" in err
+    code, _, err = await _mesh(
+        nats_url,
+        subjects,
+        "worker",
+        "workers.echo:Echo",
+        "--autogen",
+        "tests.autogen_agents:register",
+    )
+    assert code == 1
+    assert "not both" in err
 
 
 async def test_example_worker_module_runs_and_stops_on_sigterm(
