@@ -25,7 +25,7 @@ from mesh._logging import configure_logging
 from mesh._otel import configure_from_env as configure_tracing
 from mesh.agent import Agent
 from mesh.client import MeshClient
-from mesh.codec import JSON_CODEC, MSGPACK_CODEC
+from mesh.codec import JSON_CODEC, MSGPACK_CODEC, json_object
 from mesh.config import (
     AuthConfig,
     ConnectConfig,
@@ -404,12 +404,7 @@ async def cmd_state(args: argparse.Namespace) -> int:
             for v in await store.history(agent_id):
                 print(f"v{v.version:<5} {v.updated_at.isoformat()}  {v.checksum}  {v.writer or ''}")
         elif args.action == "put":
-            try:
-                state = orjson.loads(args.state)
-            except orjson.JSONDecodeError as exc:
-                raise BadRequestError(f"the state is not JSON: {exc}") from exc
-            if not isinstance(state, dict):
-                raise BadRequestError("the state must be a JSON object")
+            state = json_object(args.state, "the state")
             saved = await store.put(
                 agent_id,
                 state,

@@ -155,3 +155,18 @@ def decode(data: bytes, model: type[M], codec: Codec = JSON_CODEC) -> M:
         raise DecodeError(
             f"payload does not fit {model.__name__}: {problems}", content_type=codec.content_type
         ) from exc
+
+
+def json_object(data: bytes | str, what: str) -> dict[str, Any]:
+    """`data` parsed as a JSON object.
+
+    Raises:
+        DecodeError: It is not JSON, or not an object (400); the message names `what`.
+    """
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"{what} is not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise DecodeError(f"{what} must be a JSON object")
+    return value

@@ -254,7 +254,7 @@ async def test_state_commands_put_get_history_and_delete(
     code, out, _ = await _mesh(nats_url, subjects, "state", "history", "counter/x")
     assert [line.split()[0] for line in out.splitlines()] == ["v1", "v2"]
     code, out, err = await _mesh(nats_url, subjects, "state", "put", "counter/x", "[1]")
-    assert code == 1 and err.startswith("error 400 BadRequest:")
+    assert code == 1 and err.startswith("error 400 InvalidPayload:")
     code, out, _ = await _mesh(nats_url, subjects, "state", "delete", "counter/x")
     assert out.strip() == "deleted the state of counter/x"
     code, out, err = await _mesh(nats_url, subjects, "state", "get", "counter/x")

@@ -51,10 +51,10 @@ from mesh.autogen._errors import autogen_error
 from mesh.autogen._hosting import hosted_agent_class
 from mesh.autogen._wire import LOAD_STATE, SAVE_STATE, AutogenCodec
 from mesh.client import MeshClient
+from mesh.codec import json_object
 from mesh.config import ConnectConfig, WorkerConfig
 from mesh.errors import (
     BadRequestError,
-    DecodeError,
     MeshError,
     UnknownMessageTypeError,
 )
@@ -66,6 +66,7 @@ from mesh.worker import Worker
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=AutogenAgent)
+R = TypeVar("R")
 
 #: How long `send_message` waits for a reply unless told otherwise: mesh's longest.
 DEFAULT_TIMEOUT = 300.0
@@ -353,23 +354,16 @@ class NatsAgentRuntime(AgentRuntime):
             MeshError: The mesh could not get an answer (503, 504...).
         """
         client = self._connected()
-        data, headers = self._codec.encode(message)
-        if sender is not None:
-            headers[SENDER] = str(_mesh_id(sender))
+        data, headers = self._outgoing(message, sender)
         if message_id:
             headers[REQUEST_ID] = message_id
-        call = asyncio.ensure_future(
-            client.send_raw(_mesh_id(recipient), data, headers=headers, timeout=self._timeout)
-        )
-        if cancellation_token is not None:
-            cancellation_token.link_future(call)
-        self._enter()
         try:
-            reply = await call
+            reply = await self._tracked(
+                client.send_raw(_mesh_id(recipient), data, headers=headers, timeout=self._timeout),
+                cancellation_token,
+            )
         except MeshError as exc:
             raise autogen_error(exc) from None
-        finally:
-            self._leave()
         try:
             return self._codec.decode(reply.data, dict(reply.headers or {}))
         except MeshError as exc:  # this runtime's own failure to read it, not the recipient's
@@ -390,18 +384,27 @@ class NatsAgentRuntime(AgentRuntime):
         """Publish `message` on `topic_id` as a mesh event; returns once JetStream
         stored it. Each subscribed agent (but the sender) gets it at least once."""
         client = self._connected()
+        data, headers = self._outgoing(message, sender)
+        headers[MSG_ID] = message_id or uuid.uuid4().hex
+        topic = ids.TopicId(topic_id.type, topic_id.source)
+        await self._tracked(client.publish_raw(topic, data, headers=headers), cancellation_token)
+
+    def _outgoing(
+        self, message: Any, sender: AutogenAgentId | None
+    ) -> tuple[bytes, dict[str, str]]:
         data, headers = self._codec.encode(message)
         if sender is not None:
             headers[SENDER] = str(_mesh_id(sender))
-        headers[MSG_ID] = message_id or uuid.uuid4().hex
-        publish = asyncio.ensure_future(
-            client.publish_raw(ids.TopicId(topic_id.type, topic_id.source), data, headers=headers)
-        )
-        if cancellation_token is not None:
-            cancellation_token.link_future(publish)
+        return data, headers
+
+    async def _tracked(self, work: Awaitable[R], token: CancellationToken | None) -> R:
+        """Await `work`, cancelled with `token`, counted as this runtime being busy."""
+        future = asyncio.ensure_future(work)
+        if token is not None:
+            token.link_future(future)
         self._enter()
         try:
-            await publish
+            return await future
         finally:
             self._leave()
 
@@ -509,13 +512,7 @@ class NatsAgentRuntime(AgentRuntime):
             state = await instance.save_state()
             return RawReply(orjson.dumps(dict(state)), JSON_DATA_CONTENT_TYPE)
         if message.message_type == LOAD_STATE:
-            try:
-                loaded = orjson.loads(message.data)
-            except orjson.JSONDecodeError as exc:
-                raise DecodeError(f"state to load is not JSON: {exc}") from None
-            if not isinstance(loaded, dict):
-                raise DecodeError("state to load must be a JSON object")
-            await instance.load_state(loaded)
+            await instance.load_state(json_object(message.data, "the state to load"))
             return RawReply(b"", JSON_DATA_CONTENT_TYPE)
         sender = AutogenAgentId(ctx.sender.type, ctx.sender.key) if ctx.sender else None
         topic = TopicId(ctx.topic.type, ctx.topic.source) if ctx.topic else None
