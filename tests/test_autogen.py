@@ -586,3 +586,26 @@ async def test_an_autogen_worker_process_drains_and_leaves_on_sigterm(
     assert (await call).text == "last"  # the message in hand was finished
     assert await worker.wait(15) == 0
     await eventually(lambda: not services.directory.live_workers("echo"), timeout=10)
+
+
+async def test_a_call_past_the_runtimes_timeout_is_504_and_its_handler_cancelled(
+    nats_url: str, subjects: Subjects, runtimes: Runtimes, services: Gateway, seen: list[str]
+) -> None:
+    from tests.autogen_agents import Patient
+
+    host = runtimes("a")
+    await host.start()
+    await Patient.register(host, "patient", Patient)
+    await eventually(lambda: services.directory.live_workers("patient"), timeout=15)
+    hasty = NatsAgentRuntime(nats_url, prefix=subjects.prefix, timeout=1.0)
+    await hasty.start()
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(MeshError) as raised:
+            await hasty.send_message(Ping("late", delay=30), AgentId("patient", "p"))
+        assert raised.value.code == 504
+        assert asyncio.get_running_loop().time() - started < 3
+        # The handler ran into the same deadline, and its token said so.
+        await eventually(lambda: "cancelled|late|True" in seen, timeout=10)
+    finally:
+        await hasty.close()
