@@ -34,6 +34,7 @@ from mesh import metrics
 from mesh._consume import PullConsumer
 from mesh._wire import (
     CONTENT_TYPE,
+    MSG_ID,
     MSG_TYPE,
     REQUEST_ID,
     SENDER,
@@ -67,7 +68,7 @@ TRANSIENT = frozenset(
     }
 )
 #: Headers of an event that travel with its delivery.
-EVENT_HEADERS = (CONTENT_TYPE, MSG_TYPE, SENDER, TRACEPARENT, TRACESTATE)
+EVENT_HEADERS = (CONTENT_TYPE, MSG_ID, MSG_TYPE, SENDER, TRACEPARENT, TRACESTATE)
 
 
 Send = Callable[[AgentId, bytes, dict[str, str], float], Awaitable[object]]

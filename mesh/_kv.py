@@ -168,7 +168,7 @@ class KvMirror:
 
     async def start(self, timeout: float = 10.0) -> None:
         """Start watching and return once the current values are loaded."""
-        if self._task is not None:
+        if self._task is not None or self._closed:
             return
         await while_unavailable(lambda: self._watch_or_undo(timeout), f"watching {self._keys}")
         if self._check_interval > 0 and self._guard_task is None:
@@ -218,10 +218,13 @@ class KvMirror:
                     async with asyncio.timeout(self._check_interval):
                         info = await subscription.consumer_info()
                 except NotFoundError:
-                    pass  # stalled
+                    if watcher is not self._watcher:
+                        continue  # watched anew meanwhile (a reconnect): not stalled
                 except Exception:  # JetStream unavailable for now: ask at the next check
                     continue
                 else:
+                    if watcher is not self._watcher:
+                        continue
                     delivered = int(info.delivered.stream_seq or 0) if info.delivered else 0
                     behind = bool(info.num_pending) or delivered > self.last_revision
                     stalled = behind and behind_since == self.last_revision

@@ -18,6 +18,7 @@ import secrets
 import signal
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -187,6 +188,10 @@ class Worker(Lifecycle):
         self._tasks: list[asyncio.Task[None]] = []
         # Requests running or waiting here, by request id: a caller's cancel finds them.
         self._running: dict[str, asyncio.Task[Any]] = {}
+        # Cancels that came before their request (it was still on its way), briefly.
+        self._cancelled: OrderedDict[str, float] = OrderedDict()
+        self._cancelled_here: set[asyncio.Task[Any]] = set()
+        self._pinned: set[AgentId] = set()
         self._cancel_subscriptions: list[Any] = []
         self._stop_requested = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -282,12 +287,19 @@ class Worker(Lifecycle):
             await self._register(self._config.register_timeout)
         self._subscribe_declared(added)
 
-    async def claim(self, agent_id: AgentId) -> bool:
-        """Place `agent_id` on this worker unless it is placed already; whether it is
-        (now) placed here. For agents only this worker can host, such as an instance
-        registered by hand."""
+    async def claim(self, agent_id: AgentId) -> None:
+        """Pin `agent_id` to this worker: placed here (taken over by compare-and-set if
+        it is placed elsewhere), never released when idle, and placed here again after
+        a lapse. For agents only this worker can host, such as an instance registered
+        by hand."""
+        self._pinned.add(agent_id)
         placement = await self._placements.place(agent_id, self.id)
-        return placement.worker_id == self.id
+        for _ in range(MAX_CLAIM_ROUNDS):
+            if placement.worker_id == self.id:
+                return
+            # Moved by compare-and-set from what we saw; the winner of a race comes back.
+            placement = await self._placements.move(agent_id, placement, self.id)
+        raise NoWorkerAvailableError(f"could not place {agent_id} on worker {self.id}")
 
     async def _serve_types(self, classes: dict[str, type[Agent]]) -> None:
         """Serve the stateless types' pools, and listen for callers' cancellations."""
@@ -689,12 +701,22 @@ class Worker(Lifecycle):
             return await call(agent)
 
         task = asyncio.current_task()
+        if self._cancelled.pop(request_id, None) is not None:
+            raise NoWorkerAvailableError(f"request {request_id} was cancelled by its caller")
         if task is not None:
             self._running[request_id] = task
         deadline = asyncio.timeout(timeout)
         try:
             async with deadline:
                 return await self._activations.run(agent_id, work)
+        except asyncio.CancelledError:
+            if task is None or task not in self._cancelled_here:
+                raise  # shutting down
+            self._cancelled_here.discard(task)
+            task.uncancel()
+            raise NoWorkerAvailableError(
+                f"request {request_id} was cancelled by its caller"
+            ) from None
         except TimeoutError as exc:
             if deadline.expired():
                 raise DeadlineExceededError(
@@ -710,16 +732,29 @@ class Worker(Lifecycle):
         except Exception as exc:
             raise self._handler_failed(name, agent_id, request_id, exc) from exc
         finally:
-            if task is not None and self._running.get(request_id) is task:
-                del self._running[request_id]
+            if task is not None:
+                self._cancelled_here.discard(task)
+                if self._running.get(request_id) is task:
+                    del self._running[request_id]
 
     async def _cancel_request(self, msg: Msg) -> None:
         """A caller gave up on a request: cancel it if it runs (or waits) here."""
         request_id = (msg.headers or {}).get(REQUEST_ID, "")
+        if not request_id:
+            return
         task = self._running.get(request_id)
         if task is not None and not task.done():
             logger.info("request %s cancelled by its caller", request_id)
+            self._cancelled_here.add(task)
             task.cancel()
+            return
+        # Not here (yet): it may still be on its way through the gateway.
+        now = time.monotonic()
+        self._cancelled[request_id] = now + CANCEL_MEMORY
+        while self._cancelled and (
+            len(self._cancelled) > MAX_EARLY_CANCELS or next(iter(self._cancelled.values())) < now
+        ):
+            self._cancelled.popitem(last=False)
 
     @staticmethod
     def _handler_failed(
@@ -735,7 +770,13 @@ class Worker(Lifecycle):
         return HandlerError(f"{type(exc).__name__}: {exc}")
 
     async def _drop_moved_agents(self) -> None:
-        """Deactivate agents whose placement now names another worker (or none)."""
+        """Deactivate agents whose placement now names another worker (or none); pinned
+        agents are placed here again."""
+        for agent_id in list(self._pinned):
+            try:
+                await self.claim(agent_id)
+            except Exception as exc:
+                logger.warning("could not place pinned %s here again: %s", agent_id, exc)
         for agent_id in self._activations.active_ids():
             if self._classes[agent_id.type].stateless:
                 continue
@@ -752,7 +793,7 @@ class Worker(Lifecycle):
 
     async def _release_placement(self, agent_id: AgentId) -> None:
         """An agent left this worker: drop its placement, if it still names us."""
-        if self._classes[agent_id.type].stateless:
+        if self._classes[agent_id.type].stateless or agent_id in self._pinned:
             return
         try:
             await self._placements.release(agent_id, self.id)
@@ -786,6 +827,11 @@ async def run_worker(
 
 #: Heartbeat intervals without a heartbeat after which gateways count a worker gone.
 LAPSE_HEARTBEATS = 3
+#: How long, and for how many requests, a cancel that came before its request is kept.
+CANCEL_MEMORY = 60.0
+MAX_EARLY_CANCELS = 10_000
+#: Attempts at pinning an agent that other workers keep placing meanwhile.
+MAX_CLAIM_ROUNDS = 8
 
 
 def _epoch_of(headers: dict[str, str]) -> int | None:

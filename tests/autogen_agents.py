@@ -213,6 +213,7 @@ class Patient(RoutedAgent):
 class Ask:
     target: str
     text: str
+    delay: float = 0.0
 
 
 class Asker(RoutedAgent):
@@ -223,6 +224,7 @@ class Asker(RoutedAgent):
 
     @message_handler
     async def ask(self, message: Ask, ctx: MessageContext) -> Pong:
+        await asyncio.sleep(message.delay)
         reply: Pong = await self.send_message(Ping(message.text), AgentId(message.target, "k"))
         return reply
 

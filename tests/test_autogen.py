@@ -609,3 +609,57 @@ async def test_a_call_past_the_runtimes_timeout_is_504_and_its_handler_cancelled
         await eventually(lambda: "cancelled|late|True" in seen, timeout=10)
     finally:
         await hasty.close()
+
+
+async def test_a_handler_still_running_when_its_runtime_stops_can_send(
+    runtimes: Runtimes, services: Gateway
+) -> None:
+    from tests.autogen_agents import Ask, Asker
+
+    host = await _hosting(runtimes, services, "echo")
+    asker_host = runtimes("c")
+    await asker_host.start()
+    await Asker.register(asker_host, "asker", Asker)
+    asker_host.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    await eventually(lambda: services.directory.live_workers("asker"), timeout=15)
+    caller = runtimes("b")
+    await caller.start()
+    caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    call = asyncio.create_task(
+        caller.send_message(Ask("echo", "late", delay=0.5), AgentId("asker", "k"))
+    )
+    await eventually(lambda: services._waiting_on.get("c"), timeout=10)
+    await asker_host.stop()  # drains: the handler sends after this began
+    reply = await call
+    assert (reply.text, reply.runtime) == ("late", "a")
+    assert host.worker_id == "a"
+
+
+async def test_registered_instances_stay_on_their_process_across_idle_eviction(
+    nats_url: str, subjects: Subjects, services: Gateway
+) -> None:
+    made: list[NatsAgentRuntime] = []
+    try:
+        for name in ("p1", "p2"):
+            runtime = NatsAgentRuntime(
+                nats_url,
+                prefix=subjects.prefix,
+                worker_config=WorkerConfig(
+                    worker_id=name, heartbeat_interval=0.3, idle_timeout=0.3
+                ),
+                timeout=10,
+            )
+            made.append(runtime)
+            await runtime.start()
+            await runtime.register_agent_instance(Echo(name), AgentId("solo", name))
+        await eventually(lambda: len(services.directory.live_workers("solo")) == 2, timeout=15)
+        caller = made[0]
+        caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+        for _ in range(3):  # each round after both activations went idle and were evicted
+            for name in ("p1", "p2"):
+                reply = await caller.send_message(Ping("x"), AgentId("solo", name))
+                assert reply.runtime == name
+            await eventually(lambda: not any(r._instances for r in made), timeout=10)
+    finally:
+        for runtime in made:
+            await runtime.close()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from mesh import AgentId, MeshClient
+from mesh import AgentId, MeshClient, MeshError
 from mesh.handlers.gateway import Gateway
 from mesh.subjects import Subjects
 from mesh.testing import eventually
@@ -55,3 +56,22 @@ async def test_a_cancel_for_an_unknown_request_changes_nothing(
 
 def _running(gateway: Gateway) -> bool:
     return any(gateway._waiting_on.values())
+
+
+async def test_a_cancel_that_arrives_before_its_request_still_cancels_it(
+    nc: NATS, subjects: Subjects, gateway: Gateway, spawn_worker: type
+) -> None:
+    spawn_worker("tests.agents:Waiter", worker_id="waiting")
+    await eventually(lambda: gateway.directory.live_workers("waiter"), timeout=15)
+    client = MeshClient(nc, subjects=subjects)
+    agent = AgentId("waiter", "w3")
+    await client.call(agent, {"seconds": 0}, message_type="Wait")  # placed and listening
+    await nc.publish(subjects.cancel(agent), headers={"Mesh-Request-Id": "early-1"})
+    await nc.flush()
+    with pytest.raises(MeshError, match="cancelled by its caller") as raised:
+        await client.call(
+            agent, {"seconds": 0}, message_type="Wait", headers={"Mesh-Request-Id": "early-1"}
+        )
+    assert raised.value.code == 503
+    # Only that request: the next one runs.
+    assert await client.call(agent, {"seconds": 0}, message_type="Wait") is None

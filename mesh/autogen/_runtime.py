@@ -44,7 +44,7 @@ from nats.aio.client import Client as NATS
 from mesh import ids
 from mesh._connect import connect
 from mesh._control import control_request
-from mesh._wire import CONTENT_TYPE, MSG_ID, MSG_TYPE, REQUEST_ID, SENDER
+from mesh._wire import CONTENT_TYPE, MSG_ID, MSG_TYPE, SENDER
 from mesh.agent import Agent, AgentDefinitionError, RawMessage, RawReply
 from mesh.agent import MessageContext as MeshContext
 from mesh.autogen._errors import autogen_error
@@ -71,7 +71,7 @@ R = TypeVar("R")
 #: How long `send_message` waits for a reply unless told otherwise: mesh's longest.
 DEFAULT_TIMEOUT = 300.0
 CONTROL_TIMEOUT = 5.0
-#: How long a cancelled handler may take to finish cleaning up before it is left.
+#: How often a cancelled handler that is still running is reported.
 CANCEL_GRACE = 5.0
 _JSON = {CONTENT_TYPE: JSON_DATA_CONTENT_TYPE}
 
@@ -144,28 +144,38 @@ class NatsAgentRuntime(AgentRuntime):
         if self._nc is None:
             self._nc = await connect(self._connect_config, name="mesh-autogen")
         self._client = MeshClient(self._nc, subjects=self._subjects, default_timeout=self._timeout)
-        self._worker = Worker(self._nc, [], self._worker_config, self._subjects)
-        await self._worker.add_agents(list(self._hosted.values()))
-        await self._worker.start()
-        for agent_id in list(self._fixed):
-            await self._worker.claim(_mesh_id(agent_id))
-        self._running = True
-        for subscription_id, (subscription, _) in list(self._subscriptions.items()):
-            self._subscriptions[subscription_id] = (
-                subscription,
-                await self._subscribe(subscription),
-            )
+        worker = Worker(self._nc, [], self._worker_config, self._subjects)
+        await worker.add_agents(list(self._hosted.values()))
+        await worker.start()
+        try:
+            for agent_id in list(self._fixed):
+                await worker.claim(_mesh_id(agent_id))
+            self._worker = worker
+            self._running = True
+            for subscription_id, (subscription, _) in list(self._subscriptions.items()):
+                self._subscriptions[subscription_id] = (
+                    subscription,
+                    await self._subscribe(subscription),
+                )
+        except BaseException:
+            self._running = False
+            self._worker = None
+            await worker.shutdown()
+            raise
 
     async def stop(self) -> None:
         """Stop hosting: in-flight messages finish, agents are closed. The connection
         stays open until `close`."""
         if not self._running:
             return
-        self._running = False
-        if self._worker is not None:
-            await self._worker.shutdown()
-        if self._stopped is not None:
-            self._stopped.set()
+        try:
+            if self._worker is not None:
+                # Handlers still running while the worker drains may send and publish.
+                await self._worker.shutdown()
+        finally:
+            self._running = False
+            if self._stopped is not None:
+                self._stopped.set()
 
     async def stop_when_idle(self) -> None:
         """Stop once no message is being handled or sent by this runtime."""
@@ -269,7 +279,7 @@ class NatsAgentRuntime(AgentRuntime):
 
             await self._host(agent_id.type, only_registered, agent_instance.metadata["description"])
         if self._worker is not None and self._running:
-            await self._worker.claim(_mesh_id(agent_id))
+            await self._worker.claim(_mesh_id(agent_id))  # it lives here, and stays
         return agent_id
 
     async def _host(
@@ -324,7 +334,7 @@ class NatsAgentRuntime(AgentRuntime):
             name = id_or_type.type if isinstance(id_or_type, AgentType) else id_or_type
             agent_id = AutogenAgentId(name, key)
         if not lazy:
-            await self.agent_metadata(agent_id)  # activated wherever mesh places it
+            await self.agent_save_state(agent_id)  # activated wherever mesh places it
         return agent_id
 
     def add_message_serializer(
@@ -355,8 +365,6 @@ class NatsAgentRuntime(AgentRuntime):
         """
         client = self._connected()
         data, headers = self._outgoing(message, sender)
-        if message_id:
-            headers[REQUEST_ID] = message_id
         try:
             reply = await self._tracked(
                 client.send_raw(_mesh_id(recipient), data, headers=headers, timeout=self._timeout),
@@ -385,6 +393,8 @@ class NatsAgentRuntime(AgentRuntime):
         stored it. Each subscribed agent (but the sender) gets it at least once."""
         client = self._connected()
         data, headers = self._outgoing(message, sender)
+        # The message id de-duplicates: the same id published again within JetStream's
+        # duplicate window (2 minutes) is dropped. Recipients see it as ctx.message_id.
         headers[MSG_ID] = message_id or uuid.uuid4().hex
         topic = ids.TopicId(topic_id.type, topic_id.source)
         await self._tracked(client.publish_raw(topic, data, headers=headers), cancellation_token)
@@ -461,7 +471,8 @@ class NatsAgentRuntime(AgentRuntime):
     # State
 
     async def save_state(self) -> Mapping[str, Any]:
-        """The state of every agent active in this runtime, by ``str(agent_id)``."""
+        """The state of every agent active in this runtime, by ``str(agent_id)`` (agents
+        placed on other processes are saved by those; `agent_save_state` reaches any)."""
         return {
             str(agent_id): await self.agent_save_state(agent_id)
             for agent_id in list(self._instances)
@@ -473,7 +484,8 @@ class NatsAgentRuntime(AgentRuntime):
             await self.agent_load_state(AutogenAgentId.from_str(name), agent_state)
 
     async def agent_save_state(self, agent: AutogenAgentId) -> Mapping[str, Any]:
-        """The agent's ``save_state()``, taken in its own mailbox wherever it runs."""
+        """The agent's ``save_state()``, taken in its own mailbox wherever it runs (so
+        not from inside one of its own handlers: that waits for itself)."""
         reply = await self._control(agent, SAVE_STATE, b"")
         state: Mapping[str, Any] = orjson.loads(reply) if reply else {}
         return state
@@ -525,7 +537,7 @@ class NatsAgentRuntime(AgentRuntime):
             topic_id=topic,
             is_rpc=topic is None,
             cancellation_token=token,
-            message_id=ctx.request_id,
+            message_id=headers.get(MSG_ID) or ctx.request_id,
         )
         if topic is None and not _handles(instance, decoded, autogen_ctx):
             raise UnknownMessageTypeError(
@@ -543,7 +555,7 @@ class NatsAgentRuntime(AgentRuntime):
                 result = await asyncio.shield(running)
             except asyncio.CancelledError:
                 token.cancel()
-                await asyncio.wait({running}, timeout=CANCEL_GRACE)  # let it clean up
+                await _outlive(running, agent_id)
                 raise
         finally:
             self._leave()
@@ -601,6 +613,17 @@ class NatsAgentRuntime(AgentRuntime):
         self._busy -= 1
         if self._busy == 0 and self._idle is not None:
             self._idle.set()
+
+
+async def _outlive(running: asyncio.Future[Any], agent_id: AutogenAgentId) -> None:
+    """Wait for a cancelled handler to end: the agent's mailbox stays held until then,
+    so no other message runs beside it."""
+    while not running.done():
+        done, _ = await asyncio.wait({running}, timeout=CANCEL_GRACE)
+        if not done:
+            logger.warning("a cancelled handler of %s is still running", agent_id)
+    if not running.cancelled():
+        running.exception()  # retrieved: it was cancelled, its outcome is not wanted
 
 
 def _registry() -> Any:

@@ -439,8 +439,13 @@ class Gateway(Lifecycle):
             stats.inflight -= 1
             if task is not None:
                 waiting.discard(task)
-            if not waiting:
-                self._waiting_on.pop(worker_id, None)
+                if task in self._abandoned:
+                    # The reply won the race with the worker's going: keep it, and take
+                    # back the cancellation it absorbed.
+                    self._abandoned.discard(task)
+                    task.uncancel()
+            if not waiting and self._waiting_on.get(worker_id) is waiting:
+                del self._waiting_on[worker_id]
         reply_headers = dict(reply.headers or {})
         if reply_headers.get(SERVICE_ERROR_CODE) in ("503", "504"):
             stats.record_failure()
