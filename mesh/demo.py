@@ -45,9 +45,12 @@ class DemoFailedError(Exception):
 
 
 class _Tour:
-    def __init__(self, console: Console, client: MeshClient, subjects: Subjects, logs: str) -> None:
+    def __init__(
+        self, console: Console, client: MeshClient, subjects: Subjects, logs: str, url: str
+    ) -> None:
         self.console = console
         self.logs = logs
+        self.url = url
         self.client = client
         self.subjects = subjects
         self.step_number = 0
@@ -220,6 +223,7 @@ async def _tour(tour: _Tour, workers: dict[str, WorkerProcess]) -> None:
 
     await _events(tour)
     await _routing(tour)
+    await _autogen(tour)
     await _watching(tour)
 
 
@@ -259,6 +263,55 @@ async def _watching(tour: _Tour) -> None:
         f"the reply continues trace {caller.trace_id}; every log line written while serving"
         " it carries it too",
     )
+
+
+async def _autogen(tour: _Tour) -> None:
+    tour.step(
+        "AutoGen agents on mesh",
+        "An AutoGen RoutedAgent, unchanged, hosted by mesh worker --autogen in its own"
+        " process; an AutoGen runtime here reaches it with send_message. Its state is saved"
+        " in mesh-state after each message.",
+    )
+    try:
+        from autogen_core import AgentId as AutogenAgentId
+        from autogen_core import try_get_known_serializers_for_type
+
+        from mesh.autogen import NatsAgentRuntime
+        from workers.autogen_greeter import Greet, Greeting
+    except ImportError:
+        tour.console.print("  skipped: pip install 'mesh[autogen]' to see it")
+        return
+    host = WorkerProcess(
+        tour.url,
+        [],
+        worker_id="autogen-worker",
+        heartbeat_interval=HEARTBEAT,
+        prefix=tour.subjects.prefix,
+        log_path=os.path.join(tour.logs, "autogen-worker.log"),
+        extra_args=["--autogen", "workers.autogen_greeter:register"],
+    ).start()
+    runtime = NatsAgentRuntime(nc=tour.client.nc, prefix=tour.subjects.prefix)
+    try:
+        await runtime.start()
+        runtime.add_message_serializer(try_get_known_serializers_for_type(Greeting))
+        greeter = AutogenAgentId("greeter", "en")
+
+        async def greet(name: str) -> Greeting:
+            reply: Greeting = await runtime.send_message(Greet(name), greeter)
+            tour.console.print(f"  runtime.send_message(Greet({name!r}), {greeter})  →  {reply}")
+            return reply
+
+        first = await eventually(lambda: greet("Ada"), timeout=20, message="the greeter")
+        second = await greet("Grace")
+        tour.expect(second.greeted == first.greeted + 1, "one agent, one mailbox, its count kept")
+        saved = await runtime.agent_save_state(greeter)
+        tour.expect(saved == {"greeted": second.greeted}, f"its saved state: {saved}")
+    finally:
+        await runtime.stop()
+        host.terminate()
+        with contextlib.suppress(TimeoutError):
+            await host.wait(15)
+        host.stop()
 
 
 async def _ledger(tour: _Tour, agent: str) -> list[str]:
@@ -385,7 +438,7 @@ async def run_demo(data_dir: str | None = None) -> int:
             nc = await connect(connect_config, name="mesh-demo")
             client = MeshClient(nc, subjects=subjects)
             try:
-                await _tour(_Tour(console, client, subjects, logs), workers)
+                await _tour(_Tour(console, client, subjects, logs, server.url), workers)
             finally:
                 await nc.drain()
                 for worker in workers.values():
