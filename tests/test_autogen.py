@@ -67,18 +67,17 @@ async def runtimes(nats_url: str, subjects: Subjects, services: Gateway) -> Asyn
     made: list[NatsAgentRuntime] = []
 
     def make(name: str, capacity: int = 64) -> NatsAgentRuntime:
+        config = WorkerConfig(
+            worker_id=name, heartbeat_interval=0.3, capacity=capacity, drain_timeout=5
+        )
         runtime = NatsAgentRuntime(
-            nats_url,
-            prefix=subjects.prefix,
-            worker_config=WorkerConfig(worker_id=name, heartbeat_interval=0.3, capacity=capacity),
-            timeout=10,
+            nats_url, prefix=subjects.prefix, worker_config=config, timeout=10
         )
         made.append(runtime)
         return runtime
 
     yield make
-    for runtime in made:
-        await runtime.close()
+    await asyncio.gather(*(runtime.close() for runtime in made))
 
 
 @pytest.fixture

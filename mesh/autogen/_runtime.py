@@ -212,7 +212,8 @@ class NatsAgentRuntime(AgentRuntime):
         await self.stop()
         if self._nc is not None and self._owns_connection:
             with contextlib.suppress(Exception):
-                await self._nc.drain()
+                # The worker has drained already: nothing is left to hand over.
+                await self._nc.close()
             self._nc = None
 
     async def __aenter__(self) -> NatsAgentRuntime:
