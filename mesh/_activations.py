@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Agents deactivated at once when a worker shuts down.
+DEACTIVATE_TOGETHER = 64
+
 T = TypeVar("T")
 
 
@@ -234,7 +237,11 @@ class ActivationTable:
         return evicted
 
     async def deactivate_all(self) -> None:
-        for agent_id in list(self._active):
-            await self.deactivate(agent_id)
+        """Deactivate every agent (shutdown), `DEACTIVATE_TOGETHER` at a time: each
+        may wait for its message and release its placement."""
+        pending = list(self._active)
+        while pending:
+            batch, pending = pending[:DEACTIVATE_TOGETHER], pending[DEACTIVATE_TOGETHER:]
+            await asyncio.gather(*(self.deactivate(agent_id) for agent_id in batch))
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)

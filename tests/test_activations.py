@@ -55,3 +55,29 @@ async def test_message_during_deactivation_waits_for_a_fresh_instance() -> None:
 async def test_deactivating_an_unknown_agent_is_a_no_op() -> None:
     table = _table()
     assert not await table.deactivate(AgentId("recorder", "nobody"))
+
+
+async def test_shutdown_deactivates_many_agents_together_but_boundedly() -> None:
+    from mesh._activations import DEACTIVATE_TOGETHER
+
+    leaving = 0
+    peak = 0
+
+    async def released(agent_id: AgentId) -> None:  # as a worker releases a placement
+        nonlocal leaving, peak
+        leaving += 1
+        peak = max(peak, leaving)
+        await asyncio.sleep(0.01)
+        leaving -= 1
+
+    table = ActivationTable({"recorder": Recorder}, on_deactivated=released)
+    for n in range(3 * DEACTIVATE_TOGETHER):
+
+        async def work(agent: Agent) -> None:
+            return None
+
+        await table.run(AgentId("recorder", f"r{n}"), work)
+    assert len(table) == 3 * DEACTIVATE_TOGETHER
+    await table.deactivate_all()
+    assert len(table) == 0
+    assert peak == DEACTIVATE_TOGETHER  # together, never more than the bound
