@@ -516,10 +516,8 @@ class Worker(Lifecycle):
 
     # Requests
 
-    def _handler_for(self, agent_id: AgentId, headers: dict[str, str]) -> HandlerSpec:
-        cls = self._activations.agent_class(agent_id.type)
-        if cls is None:
-            raise AgentTypeNotFoundError(f"worker {self.id} does not host {agent_id.type!r}")
+    @staticmethod
+    def _handler_for(cls: type[Agent], agent_id: AgentId, headers: dict[str, str]) -> HandlerSpec:
         name = headers.get(MSG_TYPE)
         if not name:
             if len(cls.handlers) == 1:
@@ -608,10 +606,12 @@ class Worker(Lifecycle):
         self, agent_id: AgentId, data: bytes, headers: dict[str, str], request_id: str
     ) -> Reply:
         cls = self._activations.agent_class(agent_id.type)
-        if cls is not None and cls.raw:
+        if cls is None:
+            raise AgentTypeNotFoundError(f"worker {self.id} does not host {agent_id.type!r}")
+        if cls.raw:
             return await self._handle_raw(agent_id, data, headers, request_id)
         codec = request_codec(headers)
-        spec = self._handler_for(agent_id, headers)
+        spec = self._handler_for(cls, agent_id, headers)
         message = decode(data, spec.message_type, codec)
         timeout = parse_timeout(headers, MAX_HANDLER_TIME, MAX_HANDLER_TIME)
         # This task serves this one request: what the handler sends inherits its deadline.
