@@ -180,6 +180,18 @@ async def test_unsupported_content_type_gets_400(mesh: Mesh) -> None:
     assert_error(reply, 400, "UnsupportedContentType")
 
 
+@pytest.mark.parametrize("content_type", ["application/x-protobuf", "application/octet-stream"])
+async def test_opaque_content_passes_the_gateway_but_a_typed_agent_refuses_it(
+    mesh: Mesh, content_type: str
+) -> None:
+    # The gateway forwards it (agent types that decode their own may take it); echo's
+    # handlers are typed, so its worker refuses it, in JSON.
+    reply = await mesh.request(
+        mesh.rpc("echo", "a"), b"\x0a\x02hi", headers={"Content-Type": content_type}
+    )
+    assert "Content-Type" in assert_error(reply, 400, "UnsupportedContentType")["message"]
+
+
 @pytest.mark.parametrize("value", ["soon", "0", "-3"])
 async def test_bad_timeout_header_gets_400(mesh: Mesh, value: str) -> None:
     reply = await mesh.request(
