@@ -93,6 +93,15 @@ async def seen(nc: NATS) -> AsyncIterator[list[str]]:
     await sub.unsubscribe()
 
 
+async def _caller(runtimes: Runtimes, name: str, *reads: type) -> NatsAgentRuntime:
+    """A started runtime that hosts nothing and reads replies of the `reads` types."""
+    runtime = runtimes(name)
+    await runtime.start()
+    for message_type in reads:
+        runtime.add_message_serializer(try_get_known_serializers_for_type(message_type))
+    return runtime
+
+
 async def _hosting(runtimes: Runtimes, gateway: Gateway, agent_type: str) -> NatsAgentRuntime:
     """Runtime "a", hosting echo and counter."""
     host = runtimes("a", capacity=2048)
@@ -107,9 +116,7 @@ async def test_a_message_sent_from_one_runtime_is_answered_by_an_agent_on_anothe
     runtimes: Runtimes, services: Gateway
 ) -> None:
     await _hosting(runtimes, services, "echo")
-    caller = runtimes("b")
-    await caller.start()
-    caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    caller = await _caller(runtimes, "b", Pong)
     reply = await caller.send_message(Ping("hi"), AgentId("echo", "k1"))
     assert reply == Pong("hi", "echo/k1", "a")
 
@@ -118,8 +125,7 @@ async def test_unknown_type_none_reply_and_unhandled_type_are_answered_promptly(
     runtimes: Runtimes, services: Gateway
 ) -> None:
     await _hosting(runtimes, services, "echo")
-    caller = runtimes("b")
-    await caller.start()
+    caller = await _caller(runtimes, "b")
     async with asyncio.timeout(5):  # each answered at once, not at the 10 s deadline
         with pytest.raises(UndeliverableException, match="nobody"):
             await caller.send_message(Ping("x"), AgentId("nobody", "k"))
@@ -132,8 +138,7 @@ async def test_a_reply_of_a_type_the_caller_cannot_read_is_a_clear_local_error(
     runtimes: Runtimes, services: Gateway
 ) -> None:
     await _hosting(runtimes, services, "echo")
-    caller = runtimes("b")
-    await caller.start()  # no serializer for Pong here
+    caller = await _caller(runtimes, "b")  # no serializer for Pong here
     with pytest.raises(ValueError, match="add_message_serializer"):
         await caller.send_message(Ping("x"), AgentId("echo", "k"))
 
@@ -142,8 +147,7 @@ async def test_a_handler_raising_reaches_the_caller_with_its_message_and_type(
     runtimes: Runtimes, services: Gateway
 ) -> None:
     await _hosting(runtimes, services, "echo")
-    caller = runtimes("b")
-    await caller.start()
+    caller = await _caller(runtimes, "b")
     with pytest.raises(AgentHandlerError, match="boom") as raised:
         await caller.send_message(Fail("boom"), AgentId("echo", "k"))
     assert raised.value.exception_type == "ValueError"
@@ -154,10 +158,7 @@ async def test_many_concurrent_callers_each_get_their_own_replies(
     runtimes: Runtimes, services: Gateway
 ) -> None:
     await _hosting(runtimes, services, "echo")
-    callers = [runtimes("b"), runtimes("c")]
-    for caller in callers:
-        await caller.start()
-        caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    callers = [await _caller(runtimes, name, Pong) for name in ("b", "c")]
 
     async def one(caller: NatsAgentRuntime, n: int) -> tuple[str, str]:
         text = f"{caller.worker_id}-{n}"
@@ -176,10 +177,7 @@ async def test_calls_to_one_agent_never_overlap(runtimes: Runtimes, services: Ga
     await host.start()
     await Sequential.register(host, "sequential", Sequential)
     await eventually(lambda: services.directory.live_workers("sequential"), timeout=15)
-    callers = [runtimes("b"), runtimes("c")]
-    for caller in callers:
-        await caller.start()
-        caller.add_message_serializer(try_get_known_serializers_for_type(Span))
+    callers = [await _caller(runtimes, name, Span) for name in ("b", "c")]
     spans = await asyncio.gather(
         *(
             c.send_message(Ping("x", delay=0.02), AgentId("sequential", "one"))
@@ -200,9 +198,7 @@ async def test_cancelling_the_callers_token_cancels_the_remote_handler(
     await host.start()
     await Patient.register(host, "patient", Patient)
     await eventually(lambda: services.directory.live_workers("patient"), timeout=15)
-    caller = runtimes("b")
-    await caller.start()
-    caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    caller = await _caller(runtimes, "b", Pong)
     token = CancellationToken()
     call = asyncio.create_task(
         caller.send_message(
@@ -339,9 +335,7 @@ async def test_a_process_hosting_the_type_dies_mid_call_and_a_new_one_takes_over
     autogen = ["--autogen", "tests.autogen_agents:register"]
     first = spawn_worker(worker_id="ag-first", extra_args=autogen)
     await eventually(lambda: services.directory.live_workers("echo"), timeout=20)
-    caller = runtimes("b")
-    await caller.start()
-    caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    caller = await _caller(runtimes, "b", Pong)
     assert (await caller.send_message(Ping("up"), AgentId("echo", "k"))).runtime == "ag-first"
 
     call = asyncio.create_task(caller.send_message(Ping("doomed", delay=30), AgentId("echo", "k")))
@@ -458,9 +452,7 @@ async def test_protobuf_messages_travel_as_protobuf(runtimes: Runtimes, services
     await host.start()
     await ProtoEcho.register(host, "proto-echo", ProtoEcho)
     await eventually(lambda: services.directory.live_workers("proto-echo"), timeout=15)
-    caller = runtimes("b")
-    await caller.start()
-    caller.add_message_serializer(try_get_known_serializers_for_type(StringValue))
+    caller = await _caller(runtimes, "b", StringValue)
     reply = await caller.send_message(StringValue(value="quiet"), AgentId("proto-echo", "k"))
     assert reply == StringValue(value="QUIET")
 
@@ -520,9 +512,7 @@ async def test_several_runtimes_hosting_one_type_share_its_agents(
         await host.start()
         await Echo.register(host, "echo", lambda h=host: Echo(str(h.worker_id)))
     await eventually(lambda: len(services.directory.live_workers("echo")) == 2, timeout=15)
-    caller = runtimes("b")
-    await caller.start()
-    caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    caller = await _caller(runtimes, "b", Pong)
     first = {
         n: (await caller.send_message(Ping("x"), AgentId("echo", f"k{n}"))).runtime
         for n in range(40)
@@ -543,9 +533,7 @@ async def test_a_registered_instance_is_the_one_that_answers(
     instance = Echo("hand-made")
     await host.register_agent_instance(instance, AgentId("solo", "only"))
     await eventually(lambda: services.directory.live_workers("solo"), timeout=15)
-    caller = runtimes("b")
-    await caller.start()
-    caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    caller = await _caller(runtimes, "b", Pong)
     reply = await caller.send_message(Ping("x"), AgentId("solo", "only"))
     assert reply.runtime == "hand-made"
     assert await host.try_get_underlying_agent_instance(AgentId("solo", "only"), Echo) is instance
@@ -559,9 +547,7 @@ async def test_stop_when_idle_waits_for_the_message_in_hand(
     runtimes: Runtimes, services: Gateway
 ) -> None:
     host = await _hosting(runtimes, services, "echo")
-    caller = runtimes("b")
-    await caller.start()
-    caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    caller = await _caller(runtimes, "b", Pong)
     call = asyncio.create_task(caller.send_message(Ping("slow", delay=0.5), AgentId("echo", "k")))
     await eventually(lambda: services._waiting_on.get("a"), timeout=10)
     await asyncio.wait_for(host.stop_when_idle(), timeout=10)
@@ -576,9 +562,7 @@ async def test_an_autogen_worker_process_drains_and_leaves_on_sigterm(
         worker_id="ag-term", extra_args=["--autogen", "tests.autogen_agents:register"]
     )
     await eventually(lambda: services.directory.live_workers("echo"), timeout=20)
-    caller = runtimes("b")
-    await caller.start()
-    caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    caller = await _caller(runtimes, "b", Pong)
     call = asyncio.create_task(caller.send_message(Ping("last", delay=0.5), AgentId("echo", "k")))
     await eventually(lambda: services._waiting_on.get("ag-term"), timeout=10)
     worker.terminate()
@@ -621,9 +605,7 @@ async def test_a_handler_still_running_when_its_runtime_stops_can_send(
     await Asker.register(asker_host, "asker", Asker)
     asker_host.add_message_serializer(try_get_known_serializers_for_type(Pong))
     await eventually(lambda: services.directory.live_workers("asker"), timeout=15)
-    caller = runtimes("b")
-    await caller.start()
-    caller.add_message_serializer(try_get_known_serializers_for_type(Pong))
+    caller = await _caller(runtimes, "b", Pong)
     call = asyncio.create_task(
         caller.send_message(Ask("echo", "late", delay=0.5), AgentId("asker", "k"))
     )

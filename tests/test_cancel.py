@@ -15,11 +15,16 @@ from mesh.testing import eventually
 from tests.agents import CANCELLED_SUBJECT
 
 
-async def test_cancelling_a_call_cancels_the_remote_handler(
-    nc: NATS, subjects: Subjects, gateway: Gateway, spawn_worker: type
-) -> None:
+@pytest.fixture
+async def waiter(gateway: Gateway, spawn_worker: type) -> None:
+    """A worker hosting the waiter agent, known to the gateway."""
     spawn_worker("tests.agents:Waiter", worker_id="waiting")
     await eventually(lambda: gateway.directory.live_workers("waiter"), timeout=15)
+
+
+async def test_cancelling_a_call_cancels_the_remote_handler(
+    nc: NATS, subjects: Subjects, gateway: Gateway, waiter: None
+) -> None:
     cancelled: list[str] = []
 
     async def note(msg: Msg) -> None:
@@ -41,10 +46,8 @@ async def test_cancelling_a_call_cancels_the_remote_handler(
 
 
 async def test_a_cancel_for_an_unknown_request_changes_nothing(
-    nc: NATS, subjects: Subjects, gateway: Gateway, spawn_worker: type
+    nc: NATS, subjects: Subjects, gateway: Gateway, waiter: None
 ) -> None:
-    spawn_worker("tests.agents:Waiter", worker_id="waiting")
-    await eventually(lambda: gateway.directory.live_workers("waiter"), timeout=15)
     client = MeshClient(nc, subjects=subjects)
     agent = AgentId("waiter", "w2")
     call = asyncio.create_task(client.call(agent, {"seconds": 1}, message_type="Wait"))
@@ -59,10 +62,8 @@ def _running(gateway: Gateway) -> bool:
 
 
 async def test_a_cancel_that_arrives_before_its_request_still_cancels_it(
-    nc: NATS, subjects: Subjects, gateway: Gateway, spawn_worker: type
+    nc: NATS, subjects: Subjects, gateway: Gateway, waiter: None
 ) -> None:
-    spawn_worker("tests.agents:Waiter", worker_id="waiting")
-    await eventually(lambda: gateway.directory.live_workers("waiter"), timeout=15)
     client = MeshClient(nc, subjects=subjects)
     agent = AgentId("waiter", "w3")
     await client.call(agent, {"seconds": 0}, message_type="Wait")  # placed and listening
