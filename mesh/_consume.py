@@ -10,6 +10,12 @@ as the receiver has room. Requests expire after a while (the server says how man
 of one went unused); when neither messages nor the server's idle heartbeats arrive
 for a few heartbeat intervals (a reconnect, a leader change), what was asked for is
 written off and asked for again.
+
+With a priority `group`, the consumer has the ``pinned_client`` policy: the server
+delivers to one client at a time, which learns so from the ``Nats-Pin-Id`` header of
+its first message and names that id in its later pulls. A client that stops pulling
+for the consumer's priority timeout loses the pin to the next one that pulls; its
+pulls are then refused (423) and it pulls again without an id, as a standby.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ logger = logging.getLogger(__name__)
 _STATUS = "Status"
 _DESCRIPTION = "Description"
 _PENDING_MESSAGES = "Nats-Pending-Messages"
+_PIN_ID = "Nats-Pin-Id"
 _API_PREFIX = "$JS.API"
 
 
@@ -51,6 +58,7 @@ class PullConsumer:
         batch: The most messages one pull request asks for.
         expires: Seconds a pull request waits on the server.
         heartbeat: Seconds between the server's idle heartbeats.
+        group: The priority group to pull in, for a consumer with priority groups.
     """
 
     def __init__(
@@ -65,15 +73,20 @@ class PullConsumer:
         batch: int = 256,
         expires: float = 30.0,
         heartbeat: float = 5.0,
+        group: str | None = None,
     ) -> None:
         self._nc = nc
         self._next_subject = f"{_API_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._unpin_subject = f"{_API_PREFIX}.CONSUMER.UNPIN.{stream}.{durable}"
         self._on_message = on_message
         self._room = room
         self._on_gone = on_gone
         self._batch = batch
         self._expires = expires
         self._heartbeat = heartbeat
+        self._group = group
+        #: The id the server pinned this client with, while it is the pinned one.
+        self.pin_id: str | None = None
         self._outstanding = 0
         self._last_heard = time.monotonic()
         self._wake = asyncio.Event()
@@ -82,6 +95,11 @@ class PullConsumer:
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"pull:{self._next_subject}")
+
+    @property
+    def running(self) -> bool:
+        """Whether it is pulling (false once stopped, or if its task ended by mistake)."""
+        return self._task is not None and not self._task.done()
 
     def wake(self) -> None:
         """The receiver has room again (call after it settled messages)."""
@@ -94,13 +112,31 @@ class PullConsumer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
+    async def unpin(self, timeout: float = 2.0) -> None:
+        """Give up the pin (after `stop`), so that a standby takes over at once rather
+        than after the priority timeout."""
+        pin_id, self.pin_id = self.pin_id, None
+        if self._group is None or pin_id is None:
+            return
+        try:
+            await self._nc.request(
+                self._unpin_subject, orjson.dumps({"group": self._group}), timeout=timeout
+            )
+        except Exception as exc:  # the server moves the pin after its timeout anyway
+            logger.info("unpinning %s failed: %s", self._unpin_subject, exc)
+
     async def _run(self) -> None:
         inbox = self._nc.new_inbox()
         subscription: Subscription | None = None
         try:
-            subscription = await self._nc.subscribe(
-                inbox, cb=self._receive, pending_msgs_limit=1_000_000
-            )
+            while subscription is None:
+                try:
+                    subscription = await self._nc.subscribe(
+                        inbox, cb=self._receive, pending_msgs_limit=1_000_000
+                    )
+                except Exception as exc:  # reconnecting: try again shortly
+                    logger.info("subscribing for %s failed: %s", self._next_subject, exc)
+                    await asyncio.sleep(min(1.0, self._heartbeat))
             while True:
                 self._wake.clear()
                 wanted = min(self._room() - self._outstanding, self._batch)
@@ -120,11 +156,15 @@ class PullConsumer:
                     await subscription.unsubscribe()
 
     async def _request(self, inbox: str, count: int) -> None:
-        request = {
+        request: dict[str, object] = {
             "batch": count,
             "expires": int(self._expires * 1e9),
             "idle_heartbeat": int(self._heartbeat * 1e9),
         }
+        if self._group is not None:
+            request["group"] = self._group
+            if self.pin_id is not None:
+                request["id"] = self.pin_id
         try:
             await self._nc.publish(self._next_subject, orjson.dumps(request), reply=inbox)
         except Exception as exc:  # disconnected: the watchdog asks again later
@@ -138,6 +178,8 @@ class PullConsumer:
         self._last_heard = time.monotonic()
         headers = msg.headers
         if msg.data or not headers or _STATUS not in headers:
+            if headers and _PIN_ID in headers:
+                self.pin_id = headers[_PIN_ID]
             self._outstanding = max(0, self._outstanding - 1)
             if self._outstanding < self._batch // 2:
                 self._wake.set()
@@ -145,6 +187,14 @@ class PullConsumer:
             return
         status = headers[_STATUS]
         if status == "100":  # idle heartbeat (or flow control, which pull does not use)
+            return
+        if status == "423":  # pinned no more (or never): pull again as a standby
+            if self.pin_id is not None:
+                logger.info("%s: another client holds the pin now", self._next_subject)
+            self.pin_id = None
+            unused = headers.get(_PENDING_MESSAGES, "")
+            self._outstanding = max(0, self._outstanding - int(unused)) if unused.isdigit() else 0
+            self._wake.set()
             return
         if _PENDING_MESSAGES in headers:  # a request expired or ended with this many unused
             with contextlib.suppress(ValueError):

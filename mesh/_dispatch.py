@@ -1,10 +1,12 @@
-"""Delivering one agent type's events from JetStream to its agents.
+"""Delivering one agent type's events on the workers that host it.
 
-One durable pull consumer per subscribing agent type reads ``MESH_EVENTS`` through
-the narrowest filters that cover the type's subscriptions. Each event is delivered
-once per agent type, however many of its subscriptions match, to
-``AgentId(agent_type, source)`` through the gateway (so it reaches the agent's one
-placed activation), and acknowledged only after the handler succeeded: at least once.
+The router keeps a durable consumer per subscribing agent type (`mesh._event_consumer`);
+every worker of the type pulls from it in its priority group, and the server delivers
+to one of them at a time (the pinned one). That worker delivers each event once,
+however many of the type's subscriptions match it, to ``AgentId(agent_type, source)``
+on its placed activation: here when the agent is placed here (most events, and all of
+them with one worker), else to the worker it is placed on. It acknowledges an event
+only after the handler succeeded: at least once.
 
 Events of one source go through one lane, one at a time, in stream order; different
 sources run concurrently. A failed delivery is retried after a growing delay (a nak
@@ -14,6 +16,11 @@ event goes to ``mesh.dlq.<agent_type>`` with the error and its original headers,
 is acknowledged; a malformed event (400, 413) goes there at once; and when the way
 there failed (503 no worker, 504, 429, 404 type not registered yet) it is retried
 until it gets through, however long the outage.
+
+Which subscriptions an event matches is decided against the subscriptions the
+consumer's metadata lists. An event none of them matches is dropped only when that
+list was read after the event arrived; otherwise it waits for a fresh read, so a
+subscription just added never loses its first events to a stale list.
 """
 
 from __future__ import annotations
@@ -22,16 +29,24 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import orjson
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from mesh import metrics
 from mesh._consume import PullConsumer
+from mesh._event_consumer import (
+    PRIORITY_GROUP,
+    ConsumerView,
+    DeliverySettings,
+    durable_name,
+    read_consumer,
+)
 from mesh._wire import (
     CONTENT_TYPE,
     MSG_ID,
@@ -42,11 +57,10 @@ from mesh._wire import (
     TRACEPARENT,
     TRACESTATE,
 )
-from mesh.client import MeshClient
 from mesh.config import EventsConfig
 from mesh.errors import ErrorCode, InvalidIdError, MeshError
 from mesh.ids import AgentId, TopicId
-from mesh.subjects import Subjects, escape_token
+from mesh.subjects import Subjects
 from mesh.subscriptions import Subscription
 
 logger = logging.getLogger(__name__)
@@ -69,26 +83,25 @@ TRANSIENT = frozenset(
 )
 #: Headers of an event that travel with its delivery.
 EVENT_HEADERS = (CONTENT_TYPE, MSG_ID, MSG_TYPE, SENDER, TRACEPARENT, TRACESTATE)
+#: Seconds between looks for a consumer that does not exist (yet).
+ABSENT_POLL = 1.0
+#: Seconds between reads of the consumer's subscriptions while it delivers.
+REFRESH_EVERY = 5.0
+#: The least seconds between two reads for events no listed subscription matched.
+MISS_REFRESH_GAP = 0.2
+#: Topic types whose matching subscriptions are remembered, at most.
+MATCH_CACHE_SIZE = 10_000
+#: Seconds between reports of the subscriptions' statistics to the router.
+STATS_EVERY = 1.0
 
 
 Send = Callable[[AgentId, bytes, dict[str, str], float], Awaitable[object]]
 """``send(agent_id, body, headers, timeout)``: deliver one event, raising `MeshError`."""
 
 
-def send_through(client: MeshClient) -> Send:
-    """Deliver through the gateway, as any client would."""
-
-    async def send(
-        agent_id: AgentId, data: bytes, headers: dict[str, str], timeout: float
-    ) -> object:
-        return await client.send_raw(agent_id, data, headers=headers, timeout=timeout)
-
-    return send
-
-
 @dataclass(slots=True)
 class SubscriptionStats:
-    """How a subscription has fared, as this dispatcher saw it."""
+    """How a subscription has fared, as one worker saw it."""
 
     matches: int = 0
     successes: int = 0
@@ -99,42 +112,65 @@ class SubscriptionStats:
     def average_handling_time(self) -> float | None:
         return self.handling_seconds / self.successes if self.successes else None
 
+    def add(self, other: SubscriptionStats) -> None:
+        self.matches += other.matches
+        self.successes += other.successes
+        self.handling_seconds += other.handling_seconds
+        if other.last_matched is not None and (
+            self.last_matched is None or other.last_matched > self.last_matched
+        ):
+            self.last_matched = other.last_matched
 
-def covering_filters(filters: Sequence[str]) -> list[str]:
-    """The filters without those another one covers (JetStream refuses overlaps)."""
-    unique = sorted(set(filters))
-    return [f for f in unique if not any(g != f and _covers(g, f) for g in unique)]
+
+def stats_report(worker_id: str, agent_type: str, stats: dict[str, SubscriptionStats]) -> bytes:
+    """Body of ``mesh.router.delivery_stats``: one worker's totals for one type."""
+    return orjson.dumps(
+        {
+            "worker": worker_id,
+            "agent_type": agent_type,
+            "stats": {
+                sub_id: [s.matches, s.successes, s.handling_seconds, s.last_matched]
+                for sub_id, s in stats.items()
+            },
+        }
+    )
 
 
-def _covers(wide: str, narrow: str) -> bool:
-    wide_tokens, narrow_tokens = wide.split("."), narrow.split(".")
-    for i, token in enumerate(wide_tokens):
-        if token == ">":
-            return len(narrow_tokens) > i
-        if i >= len(narrow_tokens):
-            return False
-        if token != "*" and token != narrow_tokens[i]:
-            return False
-        if token == "*" and narrow_tokens[i] == ">":
-            return False
-    return len(wide_tokens) == len(narrow_tokens)
+def read_stats_report(data: bytes) -> tuple[str, str, dict[str, SubscriptionStats]]:
+    """(worker, agent type, totals by subscription id) of a report; ValueError if bad."""
+    try:
+        report = orjson.loads(data)
+        stats = {
+            str(sub_id): SubscriptionStats(
+                int(matches),
+                int(successes),
+                float(seconds),
+                datetime.fromisoformat(last) if last else None,
+            )
+            for sub_id, (matches, successes, seconds, last) in report["stats"].items()
+        }
+        return str(report["worker"]), str(report["agent_type"]), stats
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"not a delivery statistics report: {exc}") from exc
 
 
 @dataclass(slots=True)
 class _Lane:
-    queue: asyncio.Queue[Msg] = field(default_factory=asyncio.Queue)
+    queue: deque[tuple[Msg, TopicId | None, list[Subscription]]] = field(default_factory=deque)
     task: asyncio.Task[None] | None = None
 
 
 class EventDispatcher:
-    """Delivers the events one agent type subscribed to.
+    """Delivers the events of one agent type whenever this worker holds its pin.
 
     Args:
         nc: The connection.
-        send: Sends each event to its agent and raises `MeshError` if the handler failed.
+        send: Delivers one event to its agent (here or on its worker) and raises
+            `MeshError` if the handler failed.
         subjects: The mesh's names.
         agent_type: Whose events.
-        config: Retries, timeouts, batch sizes.
+        config: How many events to hold and to pull at once.
+        worker_id: Named in the statistics this dispatcher reports to the router.
     """
 
     def __init__(
@@ -144,6 +180,7 @@ class EventDispatcher:
         subjects: Subjects,
         agent_type: str,
         config: EventsConfig,
+        worker_id: str,
     ) -> None:
         self._nc = nc
         self._js = nc.jetstream()
@@ -151,85 +188,127 @@ class EventDispatcher:
         self._subjects = subjects
         self.agent_type = agent_type
         self._config = config
-        self.durable = f"{subjects.prefix}-deliver-{escape_token(agent_type)}"
-        self.subscriptions: list[Subscription] = []
+        self._worker_id = worker_id
+        self.durable = durable_name(subjects, agent_type)
         self.stats: dict[str, SubscriptionStats] = {}
-        self._filters: list[str] = []
+        self._stats_changed = False
+        self._view: ConsumerView | None = None
+        # Which subscriptions match a topic type, under the view they were matched in.
+        self._matched_in: ConsumerView | None = None
+        self._matched: dict[str, list[Subscription]] = {}
+        self._delivered = metrics.EVENTS_DELIVERED.labels(agent_type)
         self._lanes: dict[str, _Lane] = {}
         self._consumer: PullConsumer | None = None
-        self._recreating: asyncio.Task[None] | None = None
-        self._keepalive: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._look = asyncio.Event()
+        self._last_look = 0.0
+        # Events waiting for a fresher list: none of the listed subscriptions matched
+        # them, or they came after the router said the list changed.
+        self._unmatched: list[tuple[float, Msg]] = []
+        self._stale_since: float | None = None
         # Events fetched and not yet settled, by stream sequence: a redelivery of one of
         # them (ack_wait passed while it queued) is dropped rather than handled twice.
         self._held: dict[int, Msg] = {}
 
-    async def update(self, subscriptions: Sequence[Subscription]) -> None:
-        """Deliver for these subscriptions from now on (starting or narrowing as needed).
+    @property
+    def subscriptions(self) -> list[Subscription]:
+        """The type's subscriptions, as its consumer last listed them."""
+        return self._view.subscriptions if self._view is not None else []
 
-        They show in `subscriptions` once the consumer's filters cover them: an event
-        published after that is delivered.
-        """
-        filters = covering_filters([s.subject_filter(self._subjects) for s in subscriptions])
-        if filters != self._filters:
-            await self._js.add_consumer(
-                self._subjects.stream("events"),
-                ConsumerConfig(
-                    durable_name=self.durable,
-                    description=f"events for agent type {self.agent_type}",
-                    ack_policy=AckPolicy.EXPLICIT,
-                    deliver_policy=DeliverPolicy.NEW,
-                    filter_subjects=filters,
-                    ack_wait=self._config.ack_wait,
-                    max_ack_pending=self._config.max_ack_pending,
-                ),
-            )
-            await self._leader_elected()
-            self._filters = filters  # only once the server has them: a failure is retried
-        self.subscriptions = list(subscriptions)
-        for sub in self.subscriptions:
-            self.stats.setdefault(sub.id, SubscriptionStats())
-        if self._consumer is None:
-            self._consumer = PullConsumer(
-                self._nc,
-                self._subjects.stream("events"),
-                self.durable,
-                self._enqueue,
-                self._room,
-                self._consumer_gone,
-                batch=self._config.batch,
-            )
-            self._consumer.start()
-            self._keepalive = asyncio.create_task(
-                self._keep_held_alive(), name=f"events-keepalive:{self.agent_type}"
-            )
+    @property
+    def reading(self) -> bool:
+        """Whether this worker is pulling from the type's consumer (it may be a standby)."""
+        return self._consumer is not None
 
-    async def _leader_elected(self, timeout: float = 5.0) -> None:
-        """In a cluster, wait until the consumer has a leader: a consumer that delivers
-        new events only starts counting from there."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            info = await self._js.consumer_info(self._subjects.stream("events"), self.durable)
-            if info.cluster is None or info.cluster.leader:
+    @property
+    def pinned(self) -> bool:
+        """Whether the server delivers the type's events to this worker now."""
+        return self._consumer is not None and self._consumer.pin_id is not None
+
+    @property
+    def _settings(self) -> DeliverySettings:
+        assert self._view is not None
+        return self._view.settings
+
+    def start(self) -> None:
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._follow(), name=f"events-follow:{self.agent_type}"),
+                asyncio.create_task(self._keep_held_alive(), name=f"events-held:{self.agent_type}"),
+                asyncio.create_task(self._report(), name=f"events-stats:{self.agent_type}"),
+            ]
+
+    def look_again(self) -> None:
+        """The router changed the consumer: events that arrive from now on wait for its
+        subscriptions to be read again, which happens at once."""
+        if self._stale_since is None:
+            self._stale_since = time.monotonic()
+        self._look.set()
+
+    # The consumer: whether there is one, what it admits, pulling from it
+
+    async def _follow(self) -> None:
+        """Read the consumer's subscriptions now and then, and pull while it exists."""
+        while True:
+            self._look.clear()
+            try:
+                self._last_look = time.monotonic()
+                view = await read_consumer(self._nc, self._subjects, self.agent_type)
+            except Exception as exc:
+                logger.info("reading the consumer of %s failed: %s", self.agent_type, exc)
+                view = self._view  # keep what we had; look again shortly
+                await asyncio.sleep(ABSENT_POLL)
+            else:
+                self._view = view
+                if view is None:
+                    # Nobody subscribes the type (any more): what waited for a list goes
+                    # back unacknowledged, in case the consumer comes back.
+                    if self._consumer is not None:
+                        logger.info("no consumer for %s now; pulling stops", self.agent_type)
+                    await self._stop_pulling()
+                    for _, msg in self._unmatched:
+                        self._settled(msg)
+                    self._unmatched = []
+                    self._stale_since = None
+                else:
+                    self._start_pulling(view)
+                    await self._recheck_unmatched(view)
+            wait = ABSENT_POLL if self._view is None else REFRESH_EVERY
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._look.wait()
+            gap = MISS_REFRESH_GAP - (time.monotonic() - self._last_look)
+            if gap > 0 and self._stale_since is None:  # the router's word: read at once
+                await asyncio.sleep(gap)
+
+    def _start_pulling(self, view: ConsumerView) -> None:
+        if self._consumer is not None:
+            if self._consumer.running:
                 return
-            await asyncio.sleep(0.05)
+            logger.warning("pulling events for %s had stopped; pulling again", self.agent_type)
+            self._consumer = None
+        expires = max(0.5, view.settings.pin_timeout / 3)
+        self._consumer = PullConsumer(
+            self._nc,
+            self._subjects.stream("events"),
+            self.durable,
+            self._enqueue,
+            self._room,
+            self._look.set,
+            batch=self._config.batch,
+            expires=expires,
+            heartbeat=max(0.25, min(5.0, expires / 2)),
+            group=PRIORITY_GROUP,
+        )
+        self._consumer.start()
+
+    async def _stop_pulling(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await consumer.stop()
 
     def _room(self) -> int:
         return self._config.max_held - len(self._held)
-
-    def _consumer_gone(self) -> None:
-        """Deleted behind our back, or a new server: create it again (tried until it works)."""
-        self._filters = []
-        if self._recreating is None or self._recreating.done():
-            self._recreating = asyncio.create_task(self._recreate())
-
-    async def _recreate(self) -> None:
-        while self._consumer is not None:
-            try:
-                await self.update(self.subscriptions)
-                return
-            except Exception as exc:
-                logger.warning("re-creating the consumer for %s failed: %s", self.agent_type, exc)
-                await asyncio.sleep(1.0)
 
     async def _keep_held_alive(self) -> None:
         """Tell the server that fetched events still waiting in a lane are being worked on."""
@@ -239,30 +318,89 @@ class EventDispatcher:
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
 
+    async def _report(self) -> None:
+        subject = self._subjects.service("router", "delivery_stats")
+        while True:
+            await asyncio.sleep(STATS_EVERY)
+            if self._stats_changed:
+                self._stats_changed = False
+                with contextlib.suppress(Exception):
+                    await self._nc.publish(
+                        subject, stats_report(self._worker_id, self.agent_type, self.stats)
+                    )
+
+    # From the consumer into the lanes
+
     def _settled(self, msg: Msg) -> None:
         self._held.pop(msg.metadata.sequence.stream, None)
         if self._consumer is not None:
             self._consumer.wake()
+
+    def _matching(self, topic: TopicId, view: ConsumerView) -> list[Subscription]:
+        if view is not self._matched_in or len(self._matched) > MATCH_CACHE_SIZE:
+            self._matched_in, self._matched = view, {}
+        matching = self._matched.get(topic.type)
+        if matching is None:
+            matching = self._matched[topic.type] = [
+                s for s in view.subscriptions if s.matches(topic)
+            ]
+        if any(s.expires_at is not None for s in matching):
+            now = datetime.now(UTC)
+            return [s for s in matching if not s.is_expired(now)]
+        return matching
 
     def _enqueue(self, msg: Msg) -> None:
         sequence = msg.metadata.sequence.stream
         if sequence in self._held:
             return  # a redelivery of an event still queued or in delivery here
         self._held[sequence] = msg
-        source = msg.subject.rsplit(".", 1)[-1]
+        try:
+            topic: TopicId | None = self._subjects.parse_events(msg.subject)
+        except InvalidIdError:
+            topic = None  # dead-lettered in its lane
+        matching: list[Subscription] = []
+        if topic is not None and self._view is not None:
+            matching = [] if self._stale_since is not None else self._matching(topic, self._view)
+            if not matching:
+                self._unmatched.append((time.monotonic(), msg))
+                self._look.set()
+                return
+        self._to_lane(msg, topic, matching)
+
+    def _to_lane(self, msg: Msg, topic: TopicId | None, matching: list[Subscription]) -> None:
+        source = topic.source if topic is not None else msg.subject
         lane = self._lanes.get(source)
         if lane is None:
             lane = self._lanes[source] = _Lane()
-        lane.queue.put_nowait(msg)
+        lane.queue.append((msg, topic, matching))
         if lane.task is None:
             lane.task = asyncio.create_task(self._drive(source, lane))
 
+    async def _recheck_unmatched(self, view: ConsumerView) -> None:
+        """Decide the events that waited for a list read after they arrived."""
+        if self._stale_since is not None and view.read_at > self._stale_since:
+            self._stale_since = None
+        waiting = [(at, msg) for at, msg in self._unmatched if at > view.read_at]
+        decided = [msg for at, msg in self._unmatched if at <= view.read_at]
+        self._unmatched = waiting
+        for msg in decided:
+            topic = self._subjects.parse_events(msg.subject)
+            matching = self._matching(topic, view)
+            if matching:
+                self._to_lane(msg, topic, matching)
+            else:  # no subscription (any more) wants it
+                self._settled(msg)
+                with contextlib.suppress(Exception):
+                    await msg.ack()
+        if waiting:
+            self._look.set()
+
     async def _drive(self, source: str, lane: _Lane) -> None:
         try:
-            while not lane.queue.empty():
-                msg = lane.queue.get_nowait()
+            while lane.queue:
+                msg, topic, matching = lane.queue.popleft()
                 try:
-                    await self._deliver(msg)
+                    await self._deliver(msg, topic, matching)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -272,46 +410,42 @@ class EventDispatcher:
                     self._settled(msg)
         finally:
             lane.task = None
-            if lane.queue.empty() or self._consumer is None:
+            if not lane.queue:
                 self._lanes.pop(source, None)
             else:  # something arrived as we finished
                 lane.task = asyncio.create_task(self._drive(source, lane))
 
-    def _matching(self, topic: TopicId, now: datetime) -> list[Subscription]:
-        return [s for s in self.subscriptions if s.matches(topic) and not s.is_expired(now)]
-
-    async def _deliver(self, msg: Msg) -> None:
-        try:
-            topic = self._subjects.parse_events(msg.subject)
-        except InvalidIdError as exc:
-            await self._dead_letter(msg, exc)
+    async def _deliver(self, msg: Msg, topic: TopicId | None, matching: list[Subscription]) -> None:
+        if topic is None:
+            error = InvalidIdError(f"{msg.subject!r} does not name a valid topic")
+            await self._dead_letter(msg, error)
             return
         now = datetime.now(UTC)
-        matching = self._matching(topic, now)
-        if not matching:
-            await msg.ack()  # no subscription (any more) wants it
-            return
         for sub in matching:
-            stats = self.stats.setdefault(sub.id, SubscriptionStats())
+            stats = self.stats.get(sub.id)
+            if stats is None:
+                stats = self.stats[sub.id] = SubscriptionStats()
             stats.matches += 1
             stats.last_matched = now
-        headers = {
-            name: value for name, value in (msg.headers or {}).items() if name in EVENT_HEADERS
-        }
+        self._stats_changed = True
+        received = msg.headers
+        headers = (
+            {name: value for name, value in received.items() if name in EVENT_HEADERS}
+            if received
+            else {}
+        )
         headers[TOPIC] = str(topic)
         headers[REQUEST_ID] = f"event-{msg.metadata.sequence.stream}"
+        settings = self._settings
         started = time.monotonic()
         try:
             await self._send(
-                AgentId(self.agent_type, topic.source),
-                msg.data,
-                headers,
-                self._config.handler_timeout,
+                AgentId(self.agent_type, topic.source), msg.data, headers, settings.handler_timeout
             )
         except MeshError as exc:
             deliveries = msg.metadata.num_delivered
             if exc.code in PERMANENT or (
-                exc.code not in TRANSIENT and deliveries >= self._config.max_deliveries
+                exc.code not in TRANSIENT and deliveries >= settings.max_deliveries
             ):
                 await self._dead_letter(msg, exc)
             else:
@@ -329,14 +463,14 @@ class EventDispatcher:
             return
         elapsed = time.monotonic() - started
         await msg.ack()
-        metrics.EVENTS_DELIVERED.labels(self.agent_type).inc()
+        self._delivered.inc()
         for sub in matching:
             stats = self.stats[sub.id]
             stats.successes += 1
             stats.handling_seconds += elapsed
 
     def _retry_delay(self, deliveries: int) -> float:
-        return float(min(self._config.retry_delay * 2 ** max(0, deliveries - 1), 60.0))
+        return float(min(self._settings.retry_delay * 2 ** max(0, deliveries - 1), 60.0))
 
     async def _dead_letter(self, msg: Msg, error: MeshError) -> None:
         # Only the event's own headers: JetStream's (Nats-Expected-*, Nats-TTL...) would
@@ -360,20 +494,20 @@ class EventDispatcher:
         logger.warning("event on %s for %s dead-lettered: %s", msg.subject, self.agent_type, error)
         await msg.term()
 
-    async def stop(self, grace: float = 5.0, *, delete: bool = False) -> None:
-        """Stop fetching, let deliveries under way finish for `grace` seconds, and hand
-        back what is still queued (nak), so that it comes back at once and in order.
-        With `delete`, remove the consumer too.
-        """
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop pulling, let deliveries under way finish for `grace` seconds, hand back
+        what is still queued (nak), so that it comes back at once and in order, and give
+        up the pin, so that another worker of the type takes over at once."""
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.stop()
-        background = [t for t in (self._keepalive, self._recreating) if t is not None]
-        self._keepalive = self._recreating = None
-        for task in background:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        queued = [msg for lane in self._lanes.values() for msg in _drain(lane.queue)]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        queued = [msg for lane in self._lanes.values() for msg, _, _ in _drain(lane.queue)]
+        queued += [msg for _, msg in self._unmatched]
+        self._unmatched = []
         for msg in sorted(queued, key=lambda m: m.metadata.sequence.stream):
             with contextlib.suppress(Exception):
                 await msg.nak()
@@ -385,14 +519,19 @@ class EventDispatcher:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
         self._lanes.clear()
-        if delete:
+        if self._stats_changed:
             with contextlib.suppress(Exception):
-                await self._js.delete_consumer(self._subjects.stream("events"), self.durable)
-            self._filters = []
+                await self._nc.publish(
+                    self._subjects.service("router", "delivery_stats"),
+                    stats_report(self._worker_id, self.agent_type, self.stats),
+                )
+        if consumer is not None:
+            await consumer.unpin()
 
 
-def _drain(queue: asyncio.Queue[Msg]) -> list[Msg]:
-    items = []
-    while not queue.empty():
-        items.append(queue.get_nowait())
+def _drain(
+    queue: deque[tuple[Msg, TopicId | None, list[Subscription]]],
+) -> list[tuple[Msg, TopicId | None, list[Subscription]]]:
+    items = list(queue)
+    queue.clear()
     return items

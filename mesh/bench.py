@@ -143,11 +143,13 @@ async def _events(nc: NATS, subjects: Subjects, count: int, sources: int) -> dic
     sub = await nc.subscribe(HANDLED_SUBJECT, cb=note)
     headers = {"Content-Type": "application/json", "Mesh-Msg-Type": "BenchTick"}
 
+    # Subjects made once, as for the raw publishes: what is measured is the delivery.
+    topics = [subjects.events(TopicId("bench.load", f"s{n}")) for n in range(sources)]
+
     async def publish(n: int, numbered: bool) -> asyncio.Future[Any]:
         body = orjson.dumps({"sent": time.time(), "n": n if numbered else -1})
-        topic = TopicId("bench.load", f"s{n % sources}")
         ack: asyncio.Future[Any] = await js.publish_async(
-            subjects.events(topic), body, headers=headers
+            topics[n % sources], body, headers=headers
         )
         return ack
 

@@ -200,6 +200,8 @@ class EventsConfig:
         max_held: Events of one agent type fetched and waiting here at most; keeps a
             backlog from outliving ``ack_wait`` in the lanes.
         batch: Events fetched per pull.
+        pin_timeout: Seconds a type's reading worker may go without pulling before
+            the server hands its events to a standby worker of the type.
     """
 
     retention: float = 7 * 24 * 3600.0
@@ -210,8 +212,11 @@ class EventsConfig:
     max_ack_pending: int = 10_000
     max_held: int = 2048
     batch: int = 256
+    pin_timeout: float = 6.0
 
     def __post_init__(self) -> None:
+        if self.pin_timeout < 1.0:
+            raise BadRequestError(f"pin_timeout ({self.pin_timeout:g}s) must be at least 1s")
         if self.handler_timeout >= self.ack_wait:
             raise BadRequestError(
                 f"handler_timeout ({self.handler_timeout:g}s) must be below ack_wait"
@@ -228,6 +233,7 @@ class EventsConfig:
             handler_timeout=_float(env, "MESH_EVENTS_HANDLER_TIMEOUT", default.handler_timeout),
             ack_wait=_float(env, "MESH_EVENTS_ACK_WAIT", default.ack_wait),
             max_ack_pending=_int(env, "MESH_EVENTS_MAX_ACK_PENDING", default.max_ack_pending),
+            pin_timeout=_float(env, "MESH_EVENTS_PIN_TIMEOUT", default.pin_timeout),
             max_held=_int(env, "MESH_EVENTS_MAX_HELD", default.max_held),
             batch=_int(env, "MESH_EVENTS_BATCH", default.batch),
         )

@@ -9,6 +9,7 @@ not produce stay absent or zero there.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -55,9 +56,20 @@ STATE_WRITE_RETRIES = Counter(
 )
 
 
+#: Labelled children by (agent type, code): looking them up again costs more than
+#: counting, and this runs for every message a worker handles.
+_handled: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+
 def observe_handled(agent_type: str, code: str, seconds: float) -> None:
-    WORKER_REQUESTS.labels(agent_type, code).inc()
-    HANDLER_DURATION.labels(agent_type).observe(seconds)
+    children = _handled.get((agent_type, code))
+    if children is None:
+        children = _handled[(agent_type, code)] = (
+            WORKER_REQUESTS.labels(agent_type, code),
+            HANDLER_DURATION.labels(agent_type),
+        )
+    children[0].inc()
+    children[1].observe(seconds)
 
 
 def observe_forwarded(agent_type: str, code: str, seconds: float) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -51,6 +52,7 @@ from mesh._wire import (
     parse_timeout,
     request_codec,
 )
+from mesh._worker_events import WorkerEvents
 from mesh.agent import (
     Agent,
     AgentDefinitionError,
@@ -178,6 +180,13 @@ class Worker(Lifecycle):
             description="hosts agents: " + ", ".join(sorted(self._classes)),
             metadata={"worker_id": self.id},
         )
+        self._events = WorkerEvents(
+            nc,
+            self._subjects,
+            self.id,
+            self._serve_one,
+            lambda agent_type: self._classes[agent_type].stateless,
+        )
         self._load = _LoadMeter()
         self._inflight = 0
         self._started_at = datetime.now(UTC)
@@ -258,6 +267,7 @@ class Worker(Lifecycle):
             asyncio.create_task(self._eviction_loop(), name=f"evict:{self.id}"),
         ]
         self._subscribe_declared(self._classes)
+        await self._events.follow(self._classes)
         self._state = "running"
         logger.info("worker %s serving %s", self.id, ", ".join(self.agent_types))
 
@@ -286,6 +296,7 @@ class Worker(Lifecycle):
         async with self._heartbeat_lock:
             await self._register(self._config.register_timeout)
         self._subscribe_declared(added)
+        await self._events.follow(added)
 
     async def claim(self, agent_id: AgentId) -> None:
         """Pin `agent_id` to this worker: placed here (taken over by compare-and-set if
@@ -364,7 +375,10 @@ class Worker(Lifecycle):
             self._status = "draining"
             with contextlib.suppress(MeshError):
                 await self._send_heartbeat()
+            # Events first: what is queued goes back, and another worker takes over.
+            await self._events.stop(self._config.drain_timeout)
             await self._service.stop(self._config.drain_timeout)
+            await self._events.aclose()
             for subscription in self._cancel_subscriptions:
                 with contextlib.suppress(Exception):
                     await subscription.unsubscribe()
@@ -664,22 +678,17 @@ class Worker(Lifecycle):
         headers: dict[str, str],
         timeout: float,
     ) -> MessageContext:
-        sender = topic = None
-        if headers.get(SENDER):
-            with contextlib.suppress(InvalidIdError):
-                sender = AgentId.parse(headers[SENDER])
-        if headers.get(TOPIC):
-            with contextlib.suppress(InvalidIdError):
-                topic = TopicId.parse(headers[TOPIC])
+        sender_text = headers.get(SENDER)
+        topic_text = headers.get(TOPIC)
         return MessageContext(
             agent_id=agent_id,
             message_type=message_type,
             request_id=request_id,
-            sender=sender,
+            sender=_agent_id_in(sender_text) if sender_text else None,
             worker_id=self.id,
             headers=headers,
             deadline=timeout,
-            topic=topic,
+            topic=_topic_in(topic_text) if topic_text else None,
         )
 
     async def _run_handler(
@@ -832,6 +841,24 @@ CANCEL_MEMORY = 60.0
 MAX_EARLY_CANCELS = 10_000
 #: Attempts at pinning an agent that other workers keep placing meanwhile.
 MAX_CLAIM_ROUNDS = 8
+
+
+@functools.lru_cache(maxsize=4096)
+def _agent_id_in(text: str) -> AgentId | None:
+    """The sender a header names (None if it names none); ids repeat, parsing is cached."""
+    try:
+        return AgentId.parse(text)
+    except InvalidIdError:
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _topic_in(text: str) -> TopicId | None:
+    """The topic a header names (None if it names none); topics repeat, parsing is cached."""
+    try:
+        return TopicId.parse(text)
+    except InvalidIdError:
+        return None
 
 
 def _epoch_of(headers: dict[str, str]) -> int | None:

@@ -322,7 +322,7 @@ async def _covered(router: Router, wanted: dict[str, int]) -> None:
 
     def covered() -> bool:
         return all(
-            (d := router.dispatcher(agent_type)) is not None and len(d.subscriptions) >= count
+            (d := router.consumer(agent_type)) is not None and len(d.subscriptions) >= count
             for agent_type, count in wanted.items()
         )
 

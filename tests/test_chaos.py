@@ -102,7 +102,7 @@ async def test_events_no_acknowledged_event_is_lost_while_nodes_die(cluster: Nat
         try:
             await eventually(lambda: gateway.directory.live_workers("ledger"), timeout=30)
             await eventually(
-                lambda: (d := router.dispatcher("ledger")) is not None and d.subscriptions,
+                lambda: (d := router.consumer("ledger")) is not None and d.subscriptions,
                 timeout=30,
             )
             client = MeshClient(nc, subjects=subjects)

@@ -70,7 +70,7 @@ async def test_mesh_runs_end_to_end_on_the_shipped_cluster_configs(cluster: Nats
             for _ in range(3):
                 await client.call(counter, {"by": 1}, message_type="Increment")
             await eventually(
-                lambda: (d := router.dispatcher("billing")) is not None and d.subscriptions,
+                lambda: (d := router.consumer("billing")) is not None and d.subscriptions,
                 timeout=20,
                 message="billing subscribed",
             )

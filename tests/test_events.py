@@ -61,7 +61,7 @@ async def _ready(router: Router, gateway: Gateway, workers: int) -> None:
     for agent_type, count in (("ledger", 2), ("auditor", 1), ("greeter", 1), ("fragile", 1)):
         await eventually(
             lambda t=agent_type, c=count: (
-                (d := router.dispatcher(t)) is not None and len(d.subscriptions) == c
+                (d := router.consumer(t)) is not None and len(d.subscriptions) == c
             ),
             timeout=15,
             message=f"{agent_type} subscriptions",
@@ -147,6 +147,14 @@ async def test_events_from_one_source_arrive_in_order_across_two_workers(
     assert all(count == 1 for key, count in handled.items() if key.startswith("ledger/"))
 
 
+async def _standby_pulling(nc: NATS, subjects: Subjects, agent_type: str) -> bool:
+    """Whether more than one worker's pull requests wait on the type's consumer."""
+    info = await nc.jetstream().consumer_info(
+        subjects.stream("events"), f"{subjects.prefix}-deliver-{agent_type}"
+    )
+    return info.num_waiting >= 2
+
+
 async def test_killed_worker_loses_no_acknowledged_event(
     nc: NATS,
     subjects: Subjects,
@@ -155,9 +163,10 @@ async def test_killed_worker_loses_no_acknowledged_event(
     spawn_worker: type,
     handled: Counter[str],
 ) -> None:
+    # The victim starts alone, so the server pins the ledger's events to it; the
+    # survivor then waits as a standby and must take over when the victim dies.
     victim = spawn_worker(*AGENTS, worker_id="victim")
-    spawn_worker(*AGENTS, worker_id="survivor")
-    await _ready(router, gateway, 2)
+    await _ready(router, gateway, 1)
     client = MeshClient(nc, subjects=subjects)
     published = 0
 
@@ -173,10 +182,42 @@ async def test_killed_worker_loses_no_acknowledged_event(
 
     await publish(300)
     await eventually(lambda: sum(1 for k in handled if k.startswith("ledger/")) >= 100, timeout=20)
+    spawn_worker(*AGENTS, worker_id="survivor")
+    await eventually(lambda: len(gateway.directory.live_workers("ledger")) == 2, timeout=15)
+    await eventually(lambda: _standby_pulling(nc, subjects, "ledger"), timeout=15)
     victim.kill()
     await publish(300)
     expected = {f"ledger/k{n % 20}/{n}" for n in range(600)}
     await eventually(lambda: expected <= set(handled), timeout=60, message="every event handled")
+
+
+async def test_a_worker_that_stops_hands_its_events_over_at_once(
+    nc: NATS,
+    subjects: Subjects,
+    gateway: Gateway,
+    spawn_worker: type,
+    handled: Counter[str],
+) -> None:
+    # A pin timeout far longer than the test: only the stopping worker's unpin can
+    # move the events to the other worker in time.
+    config = EventsConfig(pin_timeout=120.0, handler_timeout=3.0, ack_wait=5.0)
+    async with Router(nc, subjects, config) as router:
+        first = spawn_worker("tests.agents:Ledger", worker_id="first")
+        await eventually(
+            lambda: (c := router.consumer("ledger")) is not None and len(c.subscriptions) == 2,
+            timeout=15,
+        )
+        client = MeshClient(nc, subjects=subjects)
+        await client.publish(TopicId("orders.created", "a"), {"n": 1}, message_type="OrderEvent")
+        await eventually(lambda: "ledger/a/1" in handled, timeout=15)
+        spawn_worker("tests.agents:Ledger", worker_id="second")
+        await eventually(lambda: _standby_pulling(nc, subjects, "ledger"), timeout=15)
+        first.terminate()  # SIGTERM: drains, gives the pin up
+        assert await first.wait(timeout=20) == 0
+        await client.publish(TopicId("orders.created", "b"), {"n": 2}, message_type="OrderEvent")
+        await eventually(lambda: "ledger/b/2" in handled, timeout=15, message="taken over")
+        log = await _log(client, "ledger", "b")
+        assert log["worker"] == "second"
 
 
 async def test_event_whose_handler_keeps_failing_goes_to_the_dlq(
@@ -236,10 +277,10 @@ async def test_dynamic_subscription_stops_delivering_after_its_ttl(
         timeout=2,
     )
     assert reply is not None and reply.expires_at is not None
-    await eventually(lambda: len(router.dispatcher("ledger").subscriptions) == 3, timeout=5)  # type: ignore[union-attr]
+    await eventually(lambda: len(router.consumer("ledger").subscriptions) == 3, timeout=5)  # type: ignore[union-attr]
     await client.publish(TopicId("flash.sale", "s"), {"n": 1}, message_type="OrderEvent")
     await eventually(lambda: "ledger/s/1" in handled, timeout=5)
-    await eventually(lambda: len(router.dispatcher("ledger").subscriptions) == 2, timeout=10)  # type: ignore[union-attr]
+    await eventually(lambda: len(router.consumer("ledger").subscriptions) == 2, timeout=10)  # type: ignore[union-attr]
     await client.publish(TopicId("flash.sale", "s"), {"n": 2}, message_type="OrderEvent")
     await client.publish(TopicId("orders.created", "s"), {"n": 3}, message_type="OrderEvent")
     await eventually(lambda: "ledger/s/3" in handled, timeout=5)
@@ -328,28 +369,27 @@ async def test_removing_a_subscription_stops_delivery_and_unmatched_ones_are_rep
     await client.publish(TopicId("default", "g"), {"n": 1}, message_type="OrderEvent")
     await eventually(lambda: "greeter/g/1" in handled, timeout=10)
 
-    listed = await control_request(
-        nc,
-        subjects.service("router", "subscriptions"),
-        ListRequest(never_matched=True),
-        ListReply,
-        timeout=2,
-    )
-    assert listed is not None
-    never = {(r.subscription.agent_type, r.subscription.topic) for r in listed.subscriptions}
+    async def listed(request: ListRequest) -> ListReply:
+        reply = await control_request(
+            nc, subjects.service("router", "subscriptions"), request, ListReply, timeout=2
+        )
+        assert reply is not None
+        return reply
+
+    async def greeting_reported() -> bool:
+        # The worker reports its statistics to the router every second.
+        [greeting] = (await listed(ListRequest(agent_type="greeter"))).subscriptions
+        return (greeting.matches, greeting.successes) == (1, 1)
+
+    await eventually(greeting_reported, timeout=10, message="the greeter's statistics")
+    [greeting] = (await listed(ListRequest(agent_type="greeter"))).subscriptions
+    assert greeting.average_handling_time is not None and greeting.last_matched is not None
+    never = {
+        (r.subscription.agent_type, r.subscription.topic)
+        for r in (await listed(ListRequest(never_matched=True))).subscriptions
+    }
     assert ("greeter", "default") not in never
     assert ("fragile", "poison") in never
-    all_listed = await control_request(
-        nc,
-        subjects.service("router", "subscriptions"),
-        ListRequest(agent_type="greeter"),
-        ListReply,
-        timeout=2,
-    )
-    assert all_listed is not None
-    [greeting] = all_listed.subscriptions
-    assert (greeting.matches, greeting.successes) == (1, 1)
-    assert greeting.average_handling_time is not None and greeting.last_matched is not None
 
     removed = await control_request(
         nc,
@@ -359,7 +399,7 @@ async def test_removing_a_subscription_stops_delivery_and_unmatched_ones_are_rep
         timeout=2,
     )
     assert removed is not None and removed.removed
-    await eventually(lambda: router.dispatcher("greeter") is None, timeout=5)
+    await eventually(lambda: router.consumer("greeter") is None, timeout=5)
     await client.publish(TopicId("default", "g"), {"n": 2}, message_type="OrderEvent")
     await client.publish(TopicId("orders.created", "g"), {"n": 3}, message_type="OrderEvent")
     await eventually(lambda: "ledger/g/3" in handled, timeout=10)
@@ -416,24 +456,20 @@ async def test_publishing_an_event_over_the_payload_limit_is_a_413(
 async def test_a_failed_consumer_update_is_tried_again(
     nc: NATS, subjects: Subjects, gateway: Gateway
 ) -> None:
-    from mesh._dispatch import EventDispatcher, send_through
+    from mesh._event_consumer import ConsumerSetupError, EventConsumer
     from mesh._streams import ensure_event_streams
 
-    dispatcher = EventDispatcher(
-        nc,
-        send_through(MeshClient(nc, subjects=subjects)),
-        subjects,
-        "ledger",
-        EventsConfig(),
-    )
+    consumer = EventConsumer(nc, subjects, "ledger", EventsConfig())
     subscription = Subscription(kind="type", topic="orders.created", agent_type="ledger")
-    with pytest.raises(Exception, match="stream not found"):  # the server refuses it
-        await dispatcher.update([subscription])
+    with pytest.raises(ConsumerSetupError, match="stream not found"):  # the server refuses it
+        await consumer.update([subscription])
+    assert consumer.subscriptions == []
     await ensure_event_streams(nc.jetstream(), subjects, retention=60)
-    await dispatcher.update([subscription])
-    info = await nc.jetstream().consumer_info(subjects.stream("events"), dispatcher.durable)
+    await consumer.update([subscription])
+    info = await nc.jetstream().consumer_info(subjects.stream("events"), consumer.durable)
     assert info.config.filter_subjects == [f"{subjects.prefix}.events.orders.created.*"]
-    await dispatcher.stop(delete=True)
+    assert consumer.subscriptions == [subscription]
+    await consumer.delete()
 
 
 async def test_backlog_longer_than_ack_wait_is_neither_duplicated_nor_reordered(
@@ -447,7 +483,7 @@ async def test_backlog_longer_than_ack_wait_is_neither_duplicated_nor_reordered(
         # Subscriptions show once the consumer covers them: events published before
         # that would not be delivered (the consumer starts at new events).
         await eventually(
-            lambda: (d := router.dispatcher("slow-ledger")) is not None and d.subscriptions,
+            lambda: (d := router.consumer("slow-ledger")) is not None and d.subscriptions,
             timeout=15,
         )
         await eventually(lambda: gateway.directory.live_workers("slow-ledger"), timeout=15)
@@ -463,14 +499,14 @@ async def test_backlog_longer_than_ack_wait_is_neither_duplicated_nor_reordered(
 async def test_a_consumer_deleted_behind_the_routers_back_is_recreated(
     nc: NATS, subjects: Subjects, router: Router, handled: Counter[str], client: MeshClient
 ) -> None:
-    dispatcher = router.dispatcher("ledger")
-    assert dispatcher is not None
+    consumer = router.consumer("ledger")
+    assert consumer is not None
     js = nc.jetstream()
-    await js.delete_consumer(subjects.stream("events"), dispatcher.durable)
+    await js.delete_consumer(subjects.stream("events"), consumer.durable)
 
     async def recreated() -> bool:
-        info = await js.consumer_info(subjects.stream("events"), dispatcher.durable)
-        return info.num_waiting > 0  # and the router's pull requests wait on it again
+        info = await js.consumer_info(subjects.stream("events"), consumer.durable)
+        return info.num_waiting > 0  # and the worker's pull requests wait on it again
 
     await eventually(recreated, timeout=15, message="the consumer re-created and pulled")
     await client.publish(TopicId("orders.created", "after"), {"n": 7}, message_type="OrderEvent")

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nats.js.kv import _is_key_valid
 
-from mesh._dispatch import _covers, covering_filters
+from mesh._event_consumer import _covers, covering_filters
 from mesh.errors import InvalidIdError
 from mesh.ids import TopicId
 from mesh.subjects import Subjects

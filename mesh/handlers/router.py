@@ -1,19 +1,19 @@
-"""The router service (``mesh-router``): subscriptions and event delivery.
+"""The router service (``mesh-router``): subscriptions, event delivery's consumers,
+and routing by content.
 
 Subscriptions live in KV ``mesh-subscriptions`` under their id; a watch keeps this
-replica's copy fresh, and for every agent type that has any, an `EventDispatcher`
-delivers the matching events from ``MESH_EVENTS``. A dynamic subscription carries a
+replica's copy fresh, and for every agent type that has any, an `EventConsumer` keeps
+the type's durable consumer on ``MESH_EVENTS`` admitting exactly their events. The
+type's workers read that consumer themselves (`mesh._dispatch`), one at a time, and
+report each subscription's statistics back here. A dynamic subscription carries a
 TTL: its KV entry lapses by itself, and delivery also checks its ``expires_at``.
 
 It also routes by content (`mesh.routing.ContentRouter`): rules in KV ``mesh-routes``
 (watched, compiled once per change), then what feedback taught it, then a default.
 
 Endpoints (``mesh.router.<op>``): subscribe, unsubscribe, subscriptions; route,
-feedback, rules, rule_put, rule_delete.
-
-Delivery keeps events of one source in order within one replica; run delivery in one
-replica (several replicas share each type's consumer, and then only at-least-once
-holds across them, not the order).
+feedback, rules, rule_put, rule_delete. Workers publish their delivery statistics on
+``mesh.router.delivery_stats``; every replica adds them up.
 """
 
 from __future__ import annotations
@@ -28,22 +28,22 @@ from datetime import UTC, datetime, timedelta
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
 from nats.js.errors import InvalidKeyError, KeyNotFoundError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field, ValidationError
 
 from mesh import __version__
-from mesh._batching import DeliveryBatcher
 from mesh._connect import on_reconnect
 from mesh._control import model_reply, read_request
-from mesh._dispatch import EventDispatcher
+from mesh._dispatch import SubscriptionStats, read_stats_report
+from mesh._event_consumer import EventConsumer
 from mesh._kv import BucketConfig, KvMirror, MirroredEntry, ensure_bucket, put_with_ttl
 from mesh._lifecycle import Lifecycle
 from mesh._micro import CONTROL_MAX_PAYLOAD, MicroService, Reply
 from mesh._streams import ensure_event_streams
 from mesh.config import EventsConfig, RoutingConfig
 from mesh.errors import BadRequestError, InvalidIdError, MeshError
-from mesh.handlers.gateway import Gateway
 from mesh.ids import AgentId, validate_agent_type
 from mesh.routing import ContentRouter, RouteRule
 from mesh.subjects import Subjects
@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 SERVICE = "router"
 #: The longest a dynamic subscription may be given to live: a year.
 MAX_TTL = 365 * 24 * 3600.0
+#: Seconds between checks that the delivery consumers still exist.
+CONSUMER_CHECK_EVERY = 5.0
 
 
 class SubscribeRequest(BaseModel):
@@ -149,12 +151,13 @@ class Router(Lifecycle):
         self._js = nc.jetstream()
         self._subjects = subjects or Subjects()
         self._config = config or EventsConfig()
-        # Events go straight to their agents' workers through an embedded, non-serving
-        # gateway: placement as usual, one process hop fewer than through mesh.rpc.
-        self._forwarder = Gateway(nc, self._subjects, serve=False)
-        self._batcher = DeliveryBatcher(nc, self._subjects, self._forwarder)
         self._subscriptions: dict[str, Subscription] = {}
-        self._dispatchers: dict[str, EventDispatcher] = {}
+        self._consumers: dict[str, EventConsumer] = {}
+        # What each worker reported, by subscription id and worker id.
+        self._reported: dict[str, dict[str, SubscriptionStats]] = defaultdict(dict)
+        self._stats_subscription: NatsSubscription | None = None
+        # One consumer update at a time: the watch and the endpoints both make them.
+        self._updating = asyncio.Lock()
         self._kv: KeyValue | None = None
         self._mirror: KvMirror | None = None
         self._changed = asyncio.Event()
@@ -182,7 +185,9 @@ class Router(Lifecycle):
         if self._started:
             return
         await ensure_event_streams(self._js, self._subjects, self._config.retention)
-        await self._forwarder.start()
+        self._stats_subscription = await self._nc.subscribe(
+            self._subjects.service(SERVICE, "delivery_stats"), cb=self._take_stats
+        )
         self._kv = await ensure_bucket(self._js, subscriptions_bucket(self._subjects))
         self._mirror = KvMirror(self._kv, on_change=self._subscription_changed)
         await self._mirror.start()
@@ -225,19 +230,19 @@ class Router(Lifecycle):
             self._reconciler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reconciler
-        for dispatcher in self._dispatchers.values():
-            await dispatcher.stop(grace)
-        await self._batcher.aclose()
+        if self._stats_subscription is not None:
+            with contextlib.suppress(Exception):
+                await self._stats_subscription.unsubscribe()
         for mirror in (self._mirror, self._routes_mirror):
             if mirror is not None:
                 await mirror.aclose()
-        await self._forwarder.shutdown()
 
     # Subscriptions -> dispatchers
 
     def _subscription_changed(self, key: str, entry: MirroredEntry | None) -> None:
         if entry is None:
             self._subscriptions.pop(key, None)
+            self._reported.pop(key, None)
         else:
             try:
                 self._subscriptions[key] = Subscription.model_validate_json(entry.value)
@@ -247,34 +252,97 @@ class Router(Lifecycle):
         self._changed.set()
 
     async def _reconcile_on_change(self) -> None:
+        """Follow subscription changes at once, and check now and then that no consumer
+        was deleted behind our back."""
         while True:
-            await self._changed.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CONSUMER_CHECK_EVERY):
+                    await self._changed.wait()
             self._changed.clear()
             try:
+                await self._check_consumers()
                 await self._reconcile()
             except Exception:
                 logger.exception("updating event delivery failed; retrying")
                 await asyncio.sleep(1.0)
                 self._changed.set()
 
-    async def _reconcile(self) -> None:
+    async def _check_consumers(self) -> None:
+        async with self._updating:
+            for consumer in list(self._consumers.values()):
+                if consumer.subscriptions and not await consumer.exists():
+                    logger.warning("consumer %s is gone; creating it again", consumer.durable)
+                    consumer.forget()
+
+    def _live_by_type(self) -> dict[str, list[Subscription]]:
         now = datetime.now(UTC)
         by_type: dict[str, list[Subscription]] = defaultdict(list)
         for sub in self._subscriptions.values():
             if not sub.is_expired(now):
                 by_type[sub.agent_type].append(sub)
-        for agent_type, subs in sorted(by_type.items()):
-            dispatcher = self._dispatchers.get(agent_type)
-            if dispatcher is None:
-                dispatcher = self._dispatchers[agent_type] = EventDispatcher(
-                    self._nc, self._batcher.send, self._subjects, agent_type, self._config
-                )
-            await dispatcher.update(subs)
-        for agent_type in [t for t in self._dispatchers if t not in by_type]:
-            await self._dispatchers.pop(agent_type).stop(delete=True)
+        return by_type
 
-    def dispatcher(self, agent_type: str) -> EventDispatcher | None:
-        return self._dispatchers.get(agent_type)
+    async def _reconcile(self) -> None:
+        async with self._updating:
+            by_type = self._live_by_type()
+            for agent_type in sorted(set(by_type) | set(self._consumers)):
+                await self._update_consumer(agent_type, by_type.get(agent_type, []))
+
+    async def _apply(self, agent_type: str) -> None:
+        """Bring one type's consumer in line with its subscriptions now, so that what an
+        endpoint changed is in force when it answers."""
+        try:
+            async with self._updating:
+                await self._update_consumer(agent_type, self._live_by_type().get(agent_type, []))
+        except Exception as exc:  # recorded in KV all the same: the reconciler retries
+            logger.warning("updating the consumer of %s failed: %s", agent_type, exc)
+            self._changed.set()
+
+    async def _update_consumer(self, agent_type: str, subscriptions: list[Subscription]) -> None:
+        consumer = self._consumers.get(agent_type)
+        if not subscriptions:
+            if consumer is not None:
+                await consumer.delete()
+                del self._consumers[agent_type]
+                await self._announce(agent_type)
+            return
+        if consumer is None:
+            consumer = self._consumers[agent_type] = EventConsumer(
+                self._nc, self._subjects, agent_type, self._config
+            )
+        if await consumer.update(subscriptions):
+            await self._announce(agent_type)
+
+    async def _announce(self, agent_type: str) -> None:
+        """Tell the type's workers to read its consumer again (they also do so now and
+        then, and whenever an event matches nothing they know of)."""
+        with contextlib.suppress(Exception):
+            await self._nc.publish(
+                self._subjects.service(SERVICE, "delivery_changed"), agent_type.encode()
+            )
+
+    def consumer(self, agent_type: str) -> EventConsumer | None:
+        """The type's delivery consumer, while it has subscriptions."""
+        return self._consumers.get(agent_type)
+
+    async def _take_stats(self, msg: Msg) -> None:
+        try:
+            worker, _, stats = read_stats_report(msg.data)
+        except ValueError as exc:
+            logger.warning("ignoring delivery statistics: %s", exc)
+            return
+        for sub_id, totals in stats.items():
+            self._reported[sub_id][worker] = totals
+
+    def subscription_stats(self, subscription_id: str) -> SubscriptionStats | None:
+        """A subscription's statistics summed over the workers that delivered for it."""
+        reported = self._reported.get(subscription_id)
+        if not reported:
+            return None
+        total = SubscriptionStats()
+        for stats in reported.values():
+            total.add(stats)
+        return total
 
     # Content routing
 
@@ -346,6 +414,8 @@ class Router(Lifecycle):
             )
         else:
             await self._kv.put(subscription.id, subscription.model_dump_json().encode())
+        self._subscriptions[subscription.id] = subscription
+        await self._apply(subscription.agent_type)
         return model_reply(msg, subscription)
 
     async def _unsubscribe(self, msg: Msg) -> Reply:
@@ -360,6 +430,13 @@ class Router(Lifecycle):
         if entry.value is None:
             return model_reply(msg, RemovedReply(removed=False))
         await self._kv.delete(request.id)
+        self._subscriptions.pop(request.id, None)
+        try:
+            agent_type = Subscription.model_validate_json(entry.value).agent_type
+        except (ValidationError, InvalidIdError):
+            agent_type = None  # a malformed record delivered nothing
+        if agent_type is not None:
+            await self._apply(agent_type)
         return model_reply(msg, RemovedReply(removed=True))
 
     async def _list(self, msg: Msg) -> Reply:
@@ -368,8 +445,7 @@ class Router(Lifecycle):
         for sub in sorted(self._subscriptions.values(), key=lambda s: (s.agent_type, s.id)):
             if request.agent_type and sub.agent_type != request.agent_type:
                 continue
-            dispatcher = self._dispatchers.get(sub.agent_type)
-            stats = dispatcher.stats.get(sub.id) if dispatcher else None
+            stats = self.subscription_stats(sub.id)
             if request.never_matched and stats is not None and stats.matches:
                 continue
             reports.append(

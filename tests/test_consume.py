@@ -1,0 +1,104 @@
+"""The pull consumer in a priority group: pinned, refused, pinned again."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from mesh._consume import PullConsumer
+from mesh.testing import eventually
+
+GROUP = "mesh"
+
+
+@pytest.fixture
+async def pinned_stream(nc: NATS) -> AsyncIterator[tuple[str, str]]:
+    """A stream and a durable consumer with the pinned_client policy."""
+    stream, durable = f"PIN_{uuid.uuid4().hex[:8].upper()}", "pinned"
+    subject = f"pin.{stream.lower()}"
+    await nc.jetstream().add_stream(name=stream, subjects=[f"{subject}.>"])
+    config = {
+        "durable_name": durable,
+        "ack_policy": "explicit",
+        "priority_groups": [GROUP],
+        "priority_policy": "pinned_client",
+        "priority_timeout": int(60e9),
+    }
+    reply = await nc.request(
+        f"$JS.API.CONSUMER.CREATE.{stream}.{durable}",
+        orjson.dumps({"stream_name": stream, "config": config}),
+        timeout=5,
+    )
+    assert "error" not in orjson.loads(reply.data)
+    yield stream, subject
+    await nc.jetstream().delete_stream(stream)
+
+
+def _consumer(nc: NATS, stream: str, received: list[bytes]) -> PullConsumer:
+    def take(msg: Msg) -> None:
+        received.append(msg.data)
+
+    return PullConsumer(
+        nc,
+        stream,
+        "pinned",
+        take,
+        lambda: 100,
+        lambda: None,
+        batch=10,
+        expires=1.0,
+        heartbeat=0.5,
+        group=GROUP,
+    )
+
+
+async def test_a_client_whose_pin_was_taken_away_pulls_again_and_is_pinned_anew(
+    nc: NATS, pinned_stream: tuple[str, str]
+) -> None:
+    stream, subject = pinned_stream
+    received: list[bytes] = []
+    consumer = _consumer(nc, stream, received)
+    consumer.start()
+    try:
+        await nc.jetstream().publish(f"{subject}.a", b"first")
+        await eventually(lambda: received == [b"first"], timeout=10)
+        first_pin = consumer.pin_id
+        assert first_pin is not None
+        # The server's pin goes (as after a leader change, or an operator's unpin): the
+        # pulls naming the old id are refused, and the client must pull without it.
+        await nc.request(
+            f"$JS.API.CONSUMER.UNPIN.{stream}.pinned", orjson.dumps({"group": GROUP}), timeout=5
+        )
+        await nc.jetstream().publish(f"{subject}.a", b"second")
+        await eventually(lambda: received == [b"first", b"second"], timeout=10)
+        assert consumer.pin_id is not None and consumer.pin_id != first_pin
+    finally:
+        await consumer.stop()
+
+
+async def test_unpin_hands_the_events_to_the_standby(
+    nc: NATS, pinned_stream: tuple[str, str]
+) -> None:
+    stream, subject = pinned_stream
+    first: list[bytes] = []
+    second: list[bytes] = []
+    active, standby = _consumer(nc, stream, first), _consumer(nc, stream, second)
+    active.start()
+    try:
+        await nc.jetstream().publish(f"{subject}.a", b"one")
+        await eventually(lambda: first == [b"one"], timeout=10)
+        standby.start()
+        await active.stop()
+        await active.unpin()
+        # The pin timeout is a minute: only the unpin lets the standby in this soon.
+        await nc.jetstream().publish(f"{subject}.a", b"two")
+        await eventually(lambda: second == [b"two"], timeout=10)
+        assert first == [b"one"]
+    finally:
+        await active.stop()
+        await standby.stop()
