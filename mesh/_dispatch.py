@@ -197,6 +197,7 @@ class EventDispatcher:
         self._matched_in: ConsumerView | None = None
         self._matched: dict[str, list[Subscription]] = {}
         self._delivered = metrics.EVENTS_DELIVERED.labels(agent_type)
+        self._agent_ids: dict[str, AgentId] = {}
         self._lanes: dict[str, _Lane] = {}
         self._consumer: PullConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -440,7 +441,7 @@ class EventDispatcher:
         started = time.monotonic()
         try:
             await self._send(
-                AgentId(self.agent_type, topic.source), msg.data, headers, settings.handler_timeout
+                self._agent_id(topic.source), msg.data, headers, settings.handler_timeout
             )
         except MeshError as exc:
             deliveries = msg.metadata.num_delivered
@@ -468,6 +469,15 @@ class EventDispatcher:
             stats = self.stats[sub.id]
             stats.successes += 1
             stats.handling_seconds += elapsed
+
+    def _agent_id(self, source: str) -> AgentId:
+        """The agent of a source (ids are checked when made: made once per source)."""
+        agent_id = self._agent_ids.get(source)
+        if agent_id is None:
+            if len(self._agent_ids) >= MATCH_CACHE_SIZE:
+                self._agent_ids.clear()
+            agent_id = self._agent_ids[source] = AgentId(self.agent_type, source)
+        return agent_id
 
     def _retry_delay(self, deliveries: int) -> float:
         return float(min(self._settings.retry_delay * 2 ** max(0, deliveries - 1), 60.0))

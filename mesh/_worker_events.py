@@ -118,7 +118,12 @@ class WorkerEvents:
             await self._serve_here(agent_id, data, headers)
             return
         gateway, batcher = await self._placer()
-        placement = await gateway.placement_for(agent_id)
+        placement = gateway.placements.get(agent_id)
+        if placement is None or placement.worker_id != self._worker_id:
+            # Not placed here as far as the placement table shows: place it, or judge
+            # its worker, as the gateway does. (Placed here: this worker is alive, and
+            # a move elsewhere shows in the table.)
+            placement = await gateway.placement_for(agent_id)
         if placement.worker_id != self._worker_id:
             await batcher.send(agent_id, data, headers, timeout)
             return
