@@ -90,6 +90,7 @@ class PullConsumer:
         self._outstanding = 0
         self._last_heard = time.monotonic()
         self._wake = asyncio.Event()
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -105,12 +106,14 @@ class PullConsumer:
         """The receiver has room again (call after it settled messages)."""
         self._wake.set()
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Bounded: a cancellation lost in an expiring timeout (Python 3.11) ends the
+            # loop at its next turn instead, through the flag.
+            await asyncio.wait([task], timeout=timeout)
 
     async def unpin(self, timeout: float = 2.0) -> None:
         """Give up the pin (after `stop`), so that a standby takes over at once rather
@@ -129,7 +132,7 @@ class PullConsumer:
         inbox = self._nc.new_inbox()
         subscription: Subscription | None = None
         try:
-            while subscription is None:
+            while subscription is None and not self._stopping:
                 try:
                     subscription = await self._nc.subscribe(
                         inbox, cb=self._receive, pending_msgs_limit=1_000_000
@@ -137,7 +140,7 @@ class PullConsumer:
                 except Exception as exc:  # reconnecting: try again shortly
                     logger.info("subscribing for %s failed: %s", self._next_subject, exc)
                     await asyncio.sleep(min(1.0, self._heartbeat))
-            while True:
+            while not self._stopping:
                 self._wake.clear()
                 wanted = min(self._room() - self._outstanding, self._batch)
                 if wanted >= max(1, min(self._batch // 2, self._room())):

@@ -207,6 +207,7 @@ class EventDispatcher:
         # them, or they came after the router said the list changed.
         self._unmatched: list[tuple[float, Msg]] = []
         self._stale_since: float | None = None
+        self._closing = False
         # Events fetched and not yet settled, by stream sequence: a redelivery of one of
         # them (ack_wait passed while it queued) is dropped rather than handled twice.
         self._held: dict[int, Msg] = {}
@@ -250,7 +251,9 @@ class EventDispatcher:
 
     async def _follow(self) -> None:
         """Read the consumer's subscriptions now and then, and pull while it exists."""
-        while True:
+        # The flag ends the loop even if a cancellation is lost in a timeout that
+        # expired at the same moment (Python 3.11's asyncio.timeout can do that).
+        while not self._closing:
             self._look.clear()
             try:
                 self._last_look = time.monotonic()
@@ -508,13 +511,15 @@ class EventDispatcher:
         """Stop pulling, let deliveries under way finish for `grace` seconds, hand back
         what is still queued (nak), so that it comes back at once and in order, and give
         up the pin, so that another worker of the type takes over at once."""
+        self._closing = True
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             await consumer.stop()
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
         queued = [msg for lane in self._lanes.values() for msg, _, _ in _drain(lane.queue)]
         queued += [msg for _, msg in self._unmatched]
         self._unmatched = []
