@@ -218,16 +218,6 @@ class EventDispatcher:
         return self._view.subscriptions if self._view is not None else []
 
     @property
-    def reading(self) -> bool:
-        """Whether this worker is pulling from the type's consumer (it may be a standby)."""
-        return self._consumer is not None
-
-    @property
-    def pinned(self) -> bool:
-        """Whether the server delivers the type's events to this worker now."""
-        return self._consumer is not None and self._consumer.pin_id is not None
-
-    @property
     def _settings(self) -> DeliverySettings:
         assert self._view is not None
         return self._view.settings
@@ -259,8 +249,8 @@ class EventDispatcher:
                 self._last_look = time.monotonic()
                 view = await read_consumer(self._nc, self._subjects, self.agent_type)
             except Exception as exc:
+                # Keep what we had; look again shortly.
                 logger.info("reading the consumer of %s failed: %s", self.agent_type, exc)
-                view = self._view  # keep what we had; look again shortly
                 await asyncio.sleep(ABSENT_POLL)
             else:
                 self._view = view
@@ -323,15 +313,20 @@ class EventDispatcher:
                     await msg.in_progress()
 
     async def _report(self) -> None:
-        subject = self._subjects.service("router", "delivery_stats")
         while True:
             await asyncio.sleep(STATS_EVERY)
-            if self._stats_changed:
-                self._stats_changed = False
-                with contextlib.suppress(Exception):
-                    await self._nc.publish(
-                        subject, stats_report(self._worker_id, self.agent_type, self.stats)
-                    )
+            await self._publish_stats()
+
+    async def _publish_stats(self) -> None:
+        """Send the router this worker's totals, if they changed since the last time."""
+        if not self._stats_changed:
+            return
+        self._stats_changed = False
+        with contextlib.suppress(Exception):
+            await self._nc.publish(
+                self._subjects.service("router", "delivery_stats"),
+                stats_report(self._worker_id, self.agent_type, self.stats),
+            )
 
     # From the consumer into the lanes
 
@@ -534,12 +529,7 @@ class EventDispatcher:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
         self._lanes.clear()
-        if self._stats_changed:
-            with contextlib.suppress(Exception):
-                await self._nc.publish(
-                    self._subjects.service("router", "delivery_stats"),
-                    stats_report(self._worker_id, self.agent_type, self.stats),
-                )
+        await self._publish_stats()
         if consumer is not None:
             await consumer.unpin()
 

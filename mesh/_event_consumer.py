@@ -87,24 +87,30 @@ def _error(answer: dict[str, object]) -> dict[str, object] | None:
     return error if isinstance(error, dict) else None
 
 
+def _consumer_api(op: str, stream: str, durable: str) -> str:
+    return f"$JS.API.CONSUMER.{op}.{stream}.{durable}"
+
+
+async def _info(nc: NATS, stream: str, durable: str, timeout: float) -> dict[str, object] | None:
+    """The consumer's info; None when it (or its stream) does not exist."""
+    answer = await _api(nc, _consumer_api("INFO", stream, durable), b"", timeout)
+    error = _error(answer)
+    if error is None:
+        return answer
+    if error.get("err_code") == _NOT_FOUND or error.get("code") == 404:
+        return None
+    raise ConsumerSetupError(str(error.get("description", error)))
+
+
 async def read_consumer(
     nc: NATS, subjects: Subjects, agent_type: str, timeout: float = 5.0
 ) -> ConsumerView | None:
     """The subscriptions and settings a type's delivery consumer carries; None when
     there is no such consumer (nobody subscribed the type)."""
     asked_at = time.monotonic()
-    stream = subjects.stream("events")
-    answer = await _api(
-        nc,
-        f"$JS.API.CONSUMER.INFO.{stream}.{durable_name(subjects, agent_type)}",
-        b"",
-        timeout,
-    )
-    error = _error(answer)
-    if error is not None:
-        if error.get("err_code") == _NOT_FOUND or error.get("code") == 404:
-            return None
-        raise ConsumerSetupError(str(error.get("description", error)))
+    answer = await _info(nc, subjects.stream("events"), durable_name(subjects, agent_type), timeout)
+    if answer is None:
+        return None
     config = answer.get("config")
     metadata = config.get("metadata") if isinstance(config, dict) else None
     if not isinstance(metadata, dict) or SUBSCRIPTIONS_KEY not in metadata:
@@ -199,11 +205,14 @@ class EventConsumer:
         self.subscriptions = list(subscriptions)
         return changed
 
-    async def _apply(self, config: dict[str, object]) -> None:
-        subject = f"$JS.API.CONSUMER.CREATE.{self._stream}.{self.durable}"
+    async def _create(self, config: dict[str, object]) -> dict[str, object] | None:
+        """Create or update the consumer; JetStream's error, if it refused."""
         body = orjson.dumps({"stream_name": self._stream, "config": config})
-        answer = await _api(self._nc, subject, body, 5.0)
-        error = _error(answer)
+        answer = await _api(self._nc, self._api("CREATE"), body, 5.0)
+        return _error(answer)
+
+    async def _apply(self, config: dict[str, object]) -> None:
+        error = await self._create(config)
         if error is None:
             return
         description = str(error.get("description", ""))
@@ -216,18 +225,16 @@ class EventConsumer:
         await self.delete()
         if start is not None:
             config = {**config, "deliver_policy": "by_start_sequence", "opt_start_seq": start}
-        answer = await _api(
-            self._nc, subject, orjson.dumps({"stream_name": self._stream, "config": config}), 5.0
-        )
-        error = _error(answer)
+        error = await self._create(config)
         if error is not None:
             raise ConsumerSetupError(f"consumer {self.durable}: {error.get('description')}")
 
+    def _api(self, op: str) -> str:
+        return _consumer_api(op, self._stream, self.durable)
+
     async def _resume_point(self) -> int | None:
-        answer = await _api(
-            self._nc, f"$JS.API.CONSUMER.INFO.{self._stream}.{self.durable}", b"", 5.0
-        )
-        floor = answer.get("ack_floor")
+        answer = await _info(self._nc, self._stream, self.durable, 5.0)
+        floor = answer.get("ack_floor") if answer is not None else None
         if isinstance(floor, dict) and isinstance(floor.get("stream_seq"), int):
             return int(floor["stream_seq"]) + 1
         return None
@@ -236,7 +243,7 @@ class EventConsumer:
         """In a cluster, wait until the consumer has a leader: a consumer that delivers
         new events only starts counting from there."""
         deadline = time.monotonic() + timeout
-        subject = f"$JS.API.CONSUMER.INFO.{self._stream}.{self.durable}"
+        subject = self._api("INFO")
         while time.monotonic() < deadline:
             answer = await _api(self._nc, subject, b"", 5.0)
             cluster = answer.get("cluster")
@@ -246,20 +253,12 @@ class EventConsumer:
 
     async def exists(self) -> bool:
         """Whether the server still has the consumer (it may be deleted behind our back)."""
-        answer = await _api(
-            self._nc, f"$JS.API.CONSUMER.INFO.{self._stream}.{self.durable}", b"", 5.0
-        )
-        error = _error(answer)
-        if error is None:
-            return True
-        if error.get("err_code") == _NOT_FOUND:
-            return False
-        raise ConsumerSetupError(str(error.get("description", error)))
+        return await _info(self._nc, self._stream, self.durable, 5.0) is not None
 
     def forget(self) -> None:
         """The consumer is gone: the next `update` creates it again."""
         self._applied = None
 
     async def delete(self) -> None:
-        await _api(self._nc, f"$JS.API.CONSUMER.DELETE.{self._stream}.{self.durable}", b"", 5.0)
+        await _api(self._nc, self._api("DELETE"), b"", 5.0)
         self._applied = None

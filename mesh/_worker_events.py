@@ -100,13 +100,12 @@ class WorkerEvents:
             self._gateway = Gateway(self._nc, self._subjects, serve=False)
             self._batcher = DeliveryBatcher(self._nc, self._subjects, self._gateway)
             ready = self._gateway_ready = asyncio.create_task(self._gateway.start())
-        if not ready.done():
-            try:
-                await asyncio.shield(ready)
-            except Exception as exc:
-                if self._gateway_ready is ready:
-                    self._gateway_ready = None
-                raise NoWorkerAvailableError(f"placement is not available yet: {exc}") from exc
+        try:
+            await asyncio.shield(ready)  # at once when it is done
+        except Exception as exc:
+            if self._gateway_ready is ready:
+                self._gateway_ready = None
+            raise NoWorkerAvailableError(f"placement is not available yet: {exc}") from exc
         assert self._gateway is not None and self._batcher is not None
         return self._gateway, self._batcher
 

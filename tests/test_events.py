@@ -381,6 +381,11 @@ async def test_removing_a_subscription_stops_delivery_and_unmatched_ones_are_rep
         [greeting] = (await listed(ListRequest(agent_type="greeter"))).subscriptions
         return (greeting.matches, greeting.successes) == (1, 1)
 
+    # Reports the router cannot read are dropped; they change no one's figures.
+    stats_subject = subjects.service("router", "delivery_stats")
+    for bad in (b"not json", b'{"worker": "w"}', b'{"worker": "w", "agent_type": "greeter",'
+                b' "stats": {"x": [1]}}'):  # fmt: skip
+        await nc.publish(stats_subject, bad)
     await eventually(greeting_reported, timeout=10, message="the greeter's statistics")
     [greeting] = (await listed(ListRequest(agent_type="greeter"))).subscriptions
     assert greeting.average_handling_time is not None and greeting.last_matched is not None

@@ -549,3 +549,34 @@ def test_subscriptions_declared_on_several_bases_are_all_kept() -> None:
 def test_explicit_subscription_id_must_be_a_kv_key() -> None:
     with pytest.raises(InvalidIdError):
         Subscription(id="bad id/.", kind="type", topic="a", agent_type="x")
+
+
+# Workers' statistics reports
+
+
+def test_a_statistics_report_reads_back_as_written() -> None:
+    from datetime import UTC, datetime
+
+    from mesh._dispatch import SubscriptionStats, read_stats_report, stats_report
+
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    sent = {"a": SubscriptionStats(3, 2, 0.5, when), "b": SubscriptionStats()}
+    assert read_stats_report(stats_report("w1", "ledger", sent)) == ("w1", "ledger", sent)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b"[]",
+        b'{"worker": "w"}',
+        b'{"worker": "w", "agent_type": "t", "stats": {"a": [1, 2]}}',
+        b'{"worker": "w", "agent_type": "t", "stats": {"a": [1, 2, 0.1, "yesterday"]}}',
+        b'{"worker": "w", "agent_type": "t", "stats": []}',
+    ],
+)
+def test_a_malformed_statistics_report_is_refused(body: bytes) -> None:
+    from mesh._dispatch import read_stats_report
+
+    with pytest.raises(ValueError, match="not a delivery statistics report"):
+        read_stats_report(body)
