@@ -247,6 +247,11 @@ class NatsAgentRuntime(AgentRuntime):
                 )
             return cast(AutogenAgent, agent)
 
+        if inspect.isclass(expected_class) and issubclass(expected_class, BaseAgent):
+            # Readable here before the type is hosted: AutoGen's `BaseAgent.register` adds
+            # them only after registering (and subscribing), and a request may come first.
+            for _, serializers in expected_class._handles_types():
+                self.add_message_serializer(serializers)
         description = _description(expected_class)
         await self._host(agent_type, create, description)
         return AgentType(agent_type)
