@@ -40,6 +40,22 @@ _PIN_ID = "Nats-Pin-Id"
 _API_PREFIX = "$JS.API"
 
 
+def delivery_of(msg: Msg) -> tuple[int, int]:
+    """(stream sequence, times delivered) of a message a consumer delivered, read from
+    its reply subject, ``$JS.ACK.[<domain>.<account>.]<stream>.<consumer>.<delivered>.
+    <stream sequence>...``: what nats-py's full ``Msg.metadata`` costs several times."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9:
+        at = 4
+    elif len(tokens) >= 11:  # with the domain and account
+        at = 6
+    else:
+        at = 0
+    if not at or tokens[0] != "$JS" or tokens[1] != "ACK":
+        raise ValueError(f"not a JetStream delivery: {msg.reply!r}")
+    return int(tokens[at + 1]), int(tokens[at])
+
+
 class ConsumerGoneError(Exception):
     """The server says the consumer (or its stream) does not exist."""
 

@@ -39,7 +39,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from mesh import metrics
-from mesh._consume import PullConsumer
+from mesh._consume import PullConsumer, delivery_of
 from mesh._event_consumer import (
     PRIORITY_GROUP,
     ConsumerView,
@@ -155,8 +155,19 @@ def read_stats_report(data: bytes) -> tuple[str, str, dict[str, SubscriptionStat
 
 
 @dataclass(slots=True)
+class _Event:
+    """A fetched event on its way to its agent."""
+
+    msg: Msg
+    sequence: int  # in the stream
+    deliveries: int  # this one included
+    topic: TopicId | None  # None: its subject names no valid topic
+    matching: list[Subscription]
+
+
+@dataclass(slots=True)
 class _Lane:
-    queue: deque[tuple[Msg, TopicId | None, list[Subscription]]] = field(default_factory=deque)
+    queue: deque[_Event] = field(default_factory=deque)
     task: asyncio.Task[None] | None = None
 
 
@@ -205,7 +216,7 @@ class EventDispatcher:
         self._last_look = 0.0
         # Events waiting for a fresher list: none of the listed subscriptions matched
         # them, or they came after the router said the list changed.
-        self._unmatched: list[tuple[float, Msg]] = []
+        self._unmatched: list[tuple[float, _Event]] = []
         self._stale_since: float | None = None
         self._closing = False
         # Events fetched and not yet settled, by stream sequence: a redelivery of one of
@@ -260,8 +271,8 @@ class EventDispatcher:
                     if self._consumer is not None:
                         logger.info("no consumer for %s now; pulling stops", self.agent_type)
                     await self._stop_pulling()
-                    for _, msg in self._unmatched:
-                        self._settled(msg)
+                    for _, event in self._unmatched:
+                        self._settled(event)
                     self._unmatched = []
                     self._stale_since = None
                 else:
@@ -330,8 +341,8 @@ class EventDispatcher:
 
     # From the consumer into the lanes
 
-    def _settled(self, msg: Msg) -> None:
-        self._held.pop(msg.metadata.sequence.stream, None)
+    def _settled(self, event: _Event) -> None:
+        self._held.pop(event.sequence, None)
         if self._consumer is not None:
             self._consumer.wake()
 
@@ -349,7 +360,7 @@ class EventDispatcher:
         return matching
 
     def _enqueue(self, msg: Msg) -> None:
-        sequence = msg.metadata.sequence.stream
+        sequence, deliveries = delivery_of(msg)
         if sequence in self._held:
             return  # a redelivery of an event still queued or in delivery here
         self._held[sequence] = msg
@@ -357,21 +368,22 @@ class EventDispatcher:
             topic: TopicId | None = self._subjects.parse_events(msg.subject)
         except InvalidIdError:
             topic = None  # dead-lettered in its lane
-        matching: list[Subscription] = []
+        event = _Event(msg, sequence, deliveries, topic, [])
         if topic is not None and self._view is not None:
-            matching = [] if self._stale_since is not None else self._matching(topic, self._view)
-            if not matching:
-                self._unmatched.append((time.monotonic(), msg))
+            if self._stale_since is None:
+                event.matching = self._matching(topic, self._view)
+            if not event.matching:
+                self._unmatched.append((time.monotonic(), event))
                 self._look.set()
                 return
-        self._to_lane(msg, topic, matching)
+        self._to_lane(event)
 
-    def _to_lane(self, msg: Msg, topic: TopicId | None, matching: list[Subscription]) -> None:
-        source = topic.source if topic is not None else msg.subject
+    def _to_lane(self, event: _Event) -> None:
+        source = event.topic.source if event.topic is not None else event.msg.subject
         lane = self._lanes.get(source)
         if lane is None:
             lane = self._lanes[source] = _Lane()
-        lane.queue.append((msg, topic, matching))
+        lane.queue.append(event)
         if lane.task is None:
             lane.task = asyncio.create_task(self._drive(source, lane))
 
@@ -379,34 +391,34 @@ class EventDispatcher:
         """Decide the events that waited for a list read after they arrived."""
         if self._stale_since is not None and view.read_at > self._stale_since:
             self._stale_since = None
-        waiting = [(at, msg) for at, msg in self._unmatched if at > view.read_at]
-        decided = [msg for at, msg in self._unmatched if at <= view.read_at]
+        waiting = [(at, event) for at, event in self._unmatched if at > view.read_at]
+        decided = [event for at, event in self._unmatched if at <= view.read_at]
         self._unmatched = waiting
-        for msg in decided:
-            topic = self._subjects.parse_events(msg.subject)
-            matching = self._matching(topic, view)
-            if matching:
-                self._to_lane(msg, topic, matching)
+        for event in decided:
+            assert event.topic is not None
+            event.matching = self._matching(event.topic, view)
+            if event.matching:
+                self._to_lane(event)
             else:  # no subscription (any more) wants it
-                self._settled(msg)
+                self._settled(event)
                 with contextlib.suppress(Exception):
-                    await msg.ack()
+                    await event.msg.ack()
         if waiting:
             self._look.set()
 
     async def _drive(self, source: str, lane: _Lane) -> None:
         try:
             while lane.queue:
-                msg, topic, matching = lane.queue.popleft()
+                event = lane.queue.popleft()
                 try:
-                    await self._deliver(msg, topic, matching)
+                    await self._deliver(event)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
                     # The event stays unacknowledged and comes back after ack_wait.
                     logger.exception("delivering an event for %s failed", self.agent_type)
                 finally:
-                    self._settled(msg)
+                    self._settled(event)
         finally:
             lane.task = None
             if not lane.queue:
@@ -414,10 +426,11 @@ class EventDispatcher:
             else:  # something arrived as we finished
                 lane.task = asyncio.create_task(self._drive(source, lane))
 
-    async def _deliver(self, msg: Msg, topic: TopicId | None, matching: list[Subscription]) -> None:
+    async def _deliver(self, event: _Event) -> None:
+        msg, topic, matching = event.msg, event.topic, event.matching
         if topic is None:
             error = InvalidIdError(f"{msg.subject!r} does not name a valid topic")
-            await self._dead_letter(msg, error)
+            await self._dead_letter(event, error)
             return
         now = datetime.now(UTC)
         for sub in matching:
@@ -434,7 +447,7 @@ class EventDispatcher:
             else {}
         )
         headers[TOPIC] = str(topic)
-        headers[REQUEST_ID] = f"event-{msg.metadata.sequence.stream}"
+        headers[REQUEST_ID] = f"event-{event.sequence}"
         settings = self._settings
         started = time.monotonic()
         try:
@@ -442,17 +455,17 @@ class EventDispatcher:
                 self._agent_id(topic.source), msg.data, headers, settings.handler_timeout
             )
         except MeshError as exc:
-            deliveries = msg.metadata.num_delivered
+            deliveries = event.deliveries
             if exc.code in PERMANENT or (
                 exc.code not in TRANSIENT and deliveries >= settings.max_deliveries
             ):
-                await self._dead_letter(msg, exc)
+                await self._dead_letter(event, exc)
             else:
                 metrics.EVENTS_RETRIED.labels(self.agent_type).inc()
                 delay = self._retry_delay(deliveries)
                 logger.info(
                     "event %s for %s failed (%s); retry %d in %.1fs",
-                    msg.metadata.sequence.stream,
+                    event.sequence,
                     self.agent_type,
                     exc,
                     deliveries,
@@ -480,7 +493,8 @@ class EventDispatcher:
     def _retry_delay(self, deliveries: int) -> float:
         return float(min(self._settings.retry_delay * 2 ** max(0, deliveries - 1), 60.0))
 
-    async def _dead_letter(self, msg: Msg, error: MeshError) -> None:
+    async def _dead_letter(self, event: _Event, error: MeshError) -> None:
+        msg = event.msg
         # Only the event's own headers: JetStream's (Nats-Expected-*, Nats-TTL...) would
         # make the dead-letter publish itself fail.
         headers = {
@@ -491,12 +505,12 @@ class EventDispatcher:
         headers[ERROR] = error.message[:1024].replace("\n", " ")
         headers[ERROR_CODE] = str(int(error.code))
         headers[SUBJECT] = msg.subject
-        headers[DELIVERIES] = str(msg.metadata.num_delivered)
+        headers[DELIVERIES] = str(event.deliveries)
         try:
             await self._js.publish(self._subjects.dlq(self.agent_type), msg.data, headers=headers)
         except Exception as exc:
             logger.error("could not dead-letter an event for %s: %s", self.agent_type, exc)
-            await msg.nak(delay=self._retry_delay(msg.metadata.num_delivered))
+            await msg.nak(delay=self._retry_delay(event.deliveries))
             return
         metrics.EVENTS_DEAD_LETTERED.labels(self.agent_type).inc()
         logger.warning("event on %s for %s dead-lettered: %s", msg.subject, self.agent_type, error)
@@ -515,13 +529,13 @@ class EventDispatcher:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
-        queued = [msg for lane in self._lanes.values() for msg, _, _ in _drain(lane.queue)]
-        queued += [msg for _, msg in self._unmatched]
+        queued = [event for lane in self._lanes.values() for event in _drain(lane.queue)]
+        queued += [event for _, event in self._unmatched]
         self._unmatched = []
-        for msg in sorted(queued, key=lambda m: m.metadata.sequence.stream):
+        for event in sorted(queued, key=lambda e: e.sequence):
             with contextlib.suppress(Exception):
-                await msg.nak()
-            self._settled(msg)
+                await event.msg.nak()
+            self._settled(event)
         running = [lane.task for lane in self._lanes.values() if lane.task is not None]
         if running:
             _, late = await asyncio.wait(running, timeout=grace)
@@ -534,9 +548,7 @@ class EventDispatcher:
             await consumer.unpin()
 
 
-def _drain(
-    queue: deque[tuple[Msg, TopicId | None, list[Subscription]]],
-) -> list[tuple[Msg, TopicId | None, list[Subscription]]]:
+def _drain(queue: deque[_Event]) -> list[_Event]:
     items = list(queue)
     queue.clear()
     return items

@@ -12,9 +12,9 @@ import contextlib
 import random
 import re
 from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Final
+from contextvars import ContextVar, Token
+from types import TracebackType
+from typing import Final, NamedTuple
 
 from mesh import _otel
 from mesh._wire import REQUEST_ID, TRACEPARENT
@@ -25,8 +25,15 @@ _ZERO_SPAN: Final = "0" * 16
 _ids = random.Random()
 
 
-@dataclass(frozen=True, slots=True)
-class TraceContext:
+def _random_hex(digits: int, zero: str) -> str:
+    # Ids need to be unique, not secret: the fast generator will do. All zeros is
+    # invalid (one chance in 2**64 at least): draw again.
+    while (value := _ids.randbytes(digits // 2).hex()) == zero:
+        pass
+    return value
+
+
+class TraceContext(NamedTuple):
     """One span of a trace: ``00-<trace_id>-<span_id>-<flags>``."""
 
     trace_id: str
@@ -35,8 +42,11 @@ class TraceContext:
 
     @classmethod
     def new(cls) -> TraceContext:
-        # Ids need to be unique, not secret: the fast generator will do.
-        return cls(f"{_ids.getrandbits(128) or 1:032x}", f"{_ids.getrandbits(64) or 1:016x}")
+        ids = _random_hex(48, _ZERO_TRACE + _ZERO_SPAN)
+        trace_id, span_id = ids[:32], ids[32:]
+        if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+            return cls.new()
+        return cls(trace_id, span_id)
 
     @classmethod
     def parse(cls, value: str | None) -> TraceContext | None:
@@ -49,14 +59,13 @@ class TraceContext:
         return cls(match[1], match[2], match[3])
 
     def child(self) -> TraceContext:
-        return TraceContext(self.trace_id, f"{_ids.getrandbits(64) or 1:016x}", self.flags)
+        return TraceContext(self.trace_id, _random_hex(16, _ZERO_SPAN), self.flags)
 
     def header(self) -> str:
         return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
 
 
-@dataclass(frozen=True, slots=True)
-class LogContext:
+class LogContext(NamedTuple):
     """What log lines written while serving one request say about it."""
 
     trace: TraceContext
@@ -67,7 +76,30 @@ class LogContext:
 current: ContextVar[LogContext | None] = ContextVar("mesh_log_context", default=None)
 
 
-@contextlib.contextmanager
+class _Hop:
+    """`hop` without OpenTelemetry: a class rather than a generator, as it runs for
+    every message."""
+
+    __slots__ = ("_context", "_token")
+
+    def __init__(self, context: LogContext) -> None:
+        self._context = context
+        self._token: Token[LogContext | None] | None = None
+
+    def __enter__(self) -> TraceContext:
+        self._token = current.set(self._context)
+        return self._context.trace
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._token is not None:
+            current.reset(self._token)
+
+
 def hop(
     name: str,
     headers: Mapping[str, str],
@@ -75,19 +107,25 @@ def hop(
     agent_id: str | None = None,
     request_id: str | None = None,
     server: bool = True,
-) -> Iterator[TraceContext]:
+) -> contextlib.AbstractContextManager[TraceContext]:
     """One hop of the request's trace: its span (an OpenTelemetry span too, when that is
     in use), and the log context of everything done meanwhile in this task."""
     parent = TraceContext.parse(headers.get(TRACEPARENT))
     request_id = request_id or headers.get(REQUEST_ID)
     if not _otel.available():  # the common case, kept cheap: it runs for every message
         trace = parent.child() if parent is not None else TraceContext.new()
-        token = current.set(LogContext(trace, request_id, agent_id))
-        try:
-            yield trace
-        finally:
-            current.reset(token)
-        return
+        return _Hop(LogContext(trace, request_id, agent_id))
+    return _otel_hop(name, parent, request_id, agent_id, server)
+
+
+@contextlib.contextmanager
+def _otel_hop(
+    name: str,
+    parent: TraceContext | None,
+    request_id: str | None,
+    agent_id: str | None,
+    server: bool,
+) -> Iterator[TraceContext]:
     parent_ids = (parent.trace_id, parent.span_id, parent.flags) if parent else None
     attributes = {"mesh.request_id": request_id or ""}
     if agent_id is not None:
@@ -95,11 +133,8 @@ def hop(
     with _otel.span(name, parent_ids, server=server, attributes=attributes) as ids:
         assert ids is not None
         trace = TraceContext(ids[0], ids[1], parent.flags if parent else "01")
-        token = current.set(LogContext(trace, request_id, agent_id))
-        try:
+        with _Hop(LogContext(trace, request_id, agent_id)):
             yield trace
-        finally:
-            current.reset(token)
 
 
 def outgoing() -> str | None:

@@ -65,6 +65,8 @@ class WorkerEvents:
         self._gateway: Gateway | None = None
         self._batcher: DeliveryBatcher | None = None
         self._gateway_ready: asyncio.Task[None] | None = None
+        # Set once the embedded gateway has started: the way every later event takes.
+        self._placing: tuple[Gateway, DeliveryBatcher] | None = None
         self._notices: Subscription | None = None
 
     async def follow(self, agent_types: Iterable[str]) -> None:
@@ -95,6 +97,8 @@ class WorkerEvents:
 
     async def _placer(self) -> tuple[Gateway, DeliveryBatcher]:
         """The embedded gateway, started on first use (and again if that failed)."""
+        if self._placing is not None:
+            return self._placing
         ready = self._gateway_ready
         if ready is None:
             self._gateway = Gateway(self._nc, self._subjects, serve=False)
@@ -107,7 +111,8 @@ class WorkerEvents:
                 self._gateway_ready = None
             raise NoWorkerAvailableError(f"placement is not available yet: {exc}") from exc
         assert self._gateway is not None and self._batcher is not None
-        return self._gateway, self._batcher
+        self._placing = (self._gateway, self._batcher)
+        return self._placing
 
     async def _send(
         self, agent_id: AgentId, data: bytes, headers: dict[str, str], timeout: float

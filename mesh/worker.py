@@ -32,6 +32,7 @@ from nats.aio.msg import Msg
 from mesh import __version__, metrics
 from mesh._activations import ActivationTable
 from mesh._control import control_request, model_reply, read_request
+from mesh._deadlines import DeadlineWheel
 from mesh._lifecycle import Lifecycle
 from mesh._micro import MicroService, Reply
 from mesh._persistence import StateKeeper
@@ -184,10 +185,12 @@ class Worker(Lifecycle):
             nc,
             self._subjects,
             self.id,
-            self._serve_one,
+            self._serve_event,
             lambda agent_type: self._classes[agent_type].stateless,
         )
         self._load = _LoadMeter()
+        # Handlers' deadlines: cheaper than asyncio.timeout, kept up to 50 ms late.
+        self._deadlines = DeadlineWheel()
         self._inflight = 0
         self._started_at = datetime.now(UTC)
         self._status: WorkerStatus = "healthy"
@@ -397,6 +400,7 @@ class Worker(Lifecycle):
             except MeshError as exc:
                 logger.warning("worker %s could not deregister: %s", self.id, exc)
             await self._activations.deactivate_all()
+            self._deadlines.close()
             logger.info("worker %s stopped", self.id)
         finally:
             self._state = "stopped"
@@ -574,7 +578,7 @@ class Worker(Lifecycle):
 
         async def one(agent_id: AgentId, headers: dict[str, str], data: bytes) -> list[object]:
             try:
-                await self._serve_one(agent_id, data, headers)
+                await self._serve_event(agent_id, data, headers)
             except MeshError as exc:
                 return [int(exc.code), exc.wire_type, exc.message]
             return [0, "", ""]
@@ -583,9 +587,21 @@ class Worker(Lifecycle):
         return msgpack.packb({"results": results}), {CONTENT_TYPE: MSGPACK}
 
     async def _serve_one(self, agent_id: AgentId, data: bytes, headers: dict[str, str]) -> Reply:
+        """A request: its reply, or the `MeshError` to answer with."""
+        reply = await self._serve_message(agent_id, data, headers, answer=True)
+        assert reply is not None
+        return reply
+
+    async def _serve_event(self, agent_id: AgentId, data: bytes, headers: dict[str, str]) -> None:
+        """An event: what the handler returns goes nowhere, and no caller can cancel it."""
+        await self._serve_message(agent_id, data, headers, answer=False)
+
+    async def _serve_message(
+        self, agent_id: AgentId, data: bytes, headers: dict[str, str], *, answer: bool
+    ) -> Reply | None:
         request_id = headers.get(REQUEST_ID) or new_request_id()
-        # This task serves this one request: its log lines and what the handler sends
-        # carry the request's trace.
+        # This task serves this one message: its log lines and what the handler sends
+        # carry the message's trace.
         with hop(
             f"mesh handle {agent_id.type}",
             headers,
@@ -593,14 +609,19 @@ class Worker(Lifecycle):
             request_id=request_id,
             server=TOPIC not in headers,
         ) as trace:
-            started = asyncio.get_running_loop().time()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
             failed = True
             code = "200"
             self._inflight += 1
             metrics.WORKER_IN_FLIGHT.inc()
             try:
-                body, reply_headers = await self._handle(agent_id, data, headers, request_id)
+                body, reply_headers = await self._handle(
+                    agent_id, data, headers, request_id, answer
+                )
                 failed = False
+                if not answer:
+                    return None
                 return body, {**(reply_headers or {}), TRACEPARENT: trace.header()}
             except MeshError as exc:
                 exc.request_id = request_id
@@ -611,19 +632,24 @@ class Worker(Lifecycle):
             finally:
                 self._inflight -= 1
                 metrics.WORKER_IN_FLIGHT.dec()
-                elapsed = asyncio.get_running_loop().time() - started
+                elapsed = loop.time() - started
                 self._load.record(elapsed, failed)
                 metrics.observe_handled(agent_id.type, code, elapsed)
                 logger.debug("%s answered %s in %.2f ms", agent_id, code, elapsed * 1e3)
 
     async def _handle(
-        self, agent_id: AgentId, data: bytes, headers: dict[str, str], request_id: str
+        self,
+        agent_id: AgentId,
+        data: bytes,
+        headers: dict[str, str],
+        request_id: str,
+        answer: bool,
     ) -> Reply:
         cls = self._activations.agent_class(agent_id.type)
         if cls is None:
             raise AgentTypeNotFoundError(f"worker {self.id} does not host {agent_id.type!r}")
         if cls.raw:
-            return await self._handle_raw(agent_id, data, headers, request_id)
+            return await self._handle_raw(agent_id, data, headers, request_id, answer)
         codec = request_codec(headers)
         spec = self._handler_for(cls, agent_id, headers)
         message = decode(data, spec.message_type, codec)
@@ -638,7 +664,10 @@ class Worker(Lifecycle):
             request_id,
             headers,
             lambda a: spec.method(a, message, ctx),
+            cancellable=answer,
         )
+        if not answer:
+            return b"", None
         try:
             body = encode(result, codec)
         except TypeError as exc:
@@ -646,7 +675,12 @@ class Worker(Lifecycle):
         return body, {CONTENT_TYPE: codec.content_type, REQUEST_ID: request_id}
 
     async def _handle_raw(
-        self, agent_id: AgentId, data: bytes, headers: dict[str, str], request_id: str
+        self,
+        agent_id: AgentId,
+        data: bytes,
+        headers: dict[str, str],
+        request_id: str,
+        answer: bool,
     ) -> Reply:
         """A message for a type that decodes its own: handed over as it came."""
         timeout = parse_timeout(headers, MAX_HANDLER_TIME, MAX_HANDLER_TIME)
@@ -664,6 +698,7 @@ class Worker(Lifecycle):
             request_id,
             headers,
             lambda agent: agent.on_raw_message(message, ctx),
+            cancellable=answer,
         )
         reply_headers = {CONTENT_TYPE: reply.content_type, REQUEST_ID: request_id}
         if reply.message_type:
@@ -699,9 +734,11 @@ class Worker(Lifecycle):
         request_id: str,
         headers: dict[str, str],
         call: Callable[[Agent], Awaitable[Any]],
+        *,
+        cancellable: bool,
     ) -> Any:
-        """Run `call` on the agent in its mailbox, within `timeout`; a caller's cancel
-        notice (`mesh.cancel`) cancels it."""
+        """Run `call` on the agent in its mailbox, within `timeout`; when `cancellable`,
+        a caller's cancel notice (`mesh.cancel`) cancels it."""
         epoch = _epoch_of(headers)
 
         async def work(agent: Agent) -> Any:
@@ -710,16 +747,17 @@ class Worker(Lifecycle):
             return await call(agent)
 
         task = asyncio.current_task()
-        if self._cancelled.pop(request_id, None) is not None:
-            raise NoWorkerAvailableError(f"request {request_id} was cancelled by its caller")
-        if task is not None:
+        assert task is not None  # every message is served in a task of its own
+        if cancellable:
+            if self._cancelled.pop(request_id, None) is not None:
+                raise NoWorkerAvailableError(f"request {request_id} was cancelled by its caller")
             self._running[request_id] = task
-        deadline = asyncio.timeout(timeout)
+        deadline = self._deadlines.scope(timeout)
         try:
-            async with deadline:
+            with deadline:
                 return await self._activations.run(agent_id, work)
         except asyncio.CancelledError:
-            if task is None or task not in self._cancelled_here:
+            if task not in self._cancelled_here:
                 raise  # shutting down
             self._cancelled_here.discard(task)
             task.uncancel()
@@ -727,7 +765,7 @@ class Worker(Lifecycle):
                 f"request {request_id} was cancelled by its caller"
             ) from None
         except TimeoutError as exc:
-            if deadline.expired():
+            if deadline.expired:
                 raise DeadlineExceededError(
                     f"{agent_id} did not answer within {timeout:g}s"
                 ) from None
@@ -741,7 +779,7 @@ class Worker(Lifecycle):
         except Exception as exc:
             raise self._handler_failed(name, agent_id, request_id, exc) from exc
         finally:
-            if task is not None:
+            if cancellable:
                 self._cancelled_here.discard(task)
                 if self._running.get(request_id) is task:
                     del self._running[request_id]

@@ -10,7 +10,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from mesh._consume import PullConsumer
+from mesh._consume import PullConsumer, delivery_of
 from mesh.testing import eventually
 
 GROUP = "mesh"
@@ -102,3 +102,36 @@ async def test_unpin_hands_the_events_to_the_standby(
     finally:
         await active.stop()
         await standby.stop()
+
+
+async def test_delivery_of_reads_sequence_and_count_as_nats_py_does(
+    nc: NATS, pinned_stream: tuple[str, str]
+) -> None:
+    stream, subject = pinned_stream
+    messages: list[Msg] = []
+    consumer = PullConsumer(
+        nc, stream, "pinned", messages.append, lambda: 100, lambda: None, group=GROUP
+    )
+    consumer.start()
+    try:
+        for n in range(3):
+            await nc.jetstream().publish(f"{subject}.a", str(n).encode())
+        await eventually(lambda: len(messages) == 3, timeout=10)
+        await messages[1].nak()  # comes back, counted twice
+        await eventually(lambda: len(messages) == 4, timeout=10)
+    finally:
+        await consumer.stop()
+    for msg in messages:
+        assert delivery_of(msg) == (msg.metadata.sequence.stream, msg.metadata.num_delivered)
+    assert delivery_of(messages[3]) == (2, 2)
+
+
+def test_delivery_of_reads_the_domain_form_and_refuses_other_replies() -> None:
+    # $JS.ACK.<domain>.<account>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>.<x>
+    reply = "$JS.ACK.hub.ACCHASH.EVENTS.mesh-deliver-x.3.1234.77.1700000000000000000.5.tok"
+    msg = Msg(_client=None, subject="mesh.events.a.b", reply=reply)  # type: ignore[arg-type]
+    assert delivery_of(msg) == (1234, 3)
+    assert msg.metadata.sequence.stream == 1234 and msg.metadata.num_delivered == 3
+    for bad in ("", "_INBOX.abc", "$JS.ACK.too.short", "$JS.ACK.a.b.c.1.2.3.4.5"):
+        with pytest.raises(ValueError):
+            delivery_of(Msg(_client=None, subject="x", reply=bad))  # type: ignore[arg-type]
