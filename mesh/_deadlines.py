@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 from types import TracebackType
+from typing import Any
 
 #: Seconds between the deadlines the wheel keeps: how late one can be kept.
 TICK = 0.05
@@ -26,17 +27,19 @@ class DeadlineScope:
 
     __slots__ = ("_cancelling", "_seconds", "_slot", "_task", "_wheel", "expired")
 
-    def __init__(self, wheel: DeadlineWheel, seconds: float) -> None:
+    def __init__(
+        self, wheel: DeadlineWheel, seconds: float, task: asyncio.Task[Any] | None
+    ) -> None:
         self._wheel = wheel
         self._seconds = seconds
-        self._task: asyncio.Task[object] | None = None
+        self._task = task
         self._slot = 0
         self._cancelling = 0
         #: Whether the deadline passed while the scope was entered.
         self.expired = False
 
     def __enter__(self) -> DeadlineScope:
-        task = asyncio.current_task()
+        task = self._task or asyncio.current_task()
         if task is None:
             raise RuntimeError("a deadline scope must be entered in a task")
         self._task = task
@@ -71,9 +74,10 @@ class DeadlineWheel:
         self._slots: dict[int, set[DeadlineScope]] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
 
-    def scope(self, seconds: float) -> DeadlineScope:
-        """A deadline `seconds` from when the scope is entered."""
-        return DeadlineScope(self, seconds)
+    def scope(self, seconds: float, task: asyncio.Task[Any] | None = None) -> DeadlineScope:
+        """A deadline `seconds` from when the scope is entered, for `task` (the current
+        one when not given; name it if you have it, to save looking it up)."""
+        return DeadlineScope(self, seconds, task)
 
     def _join(self, scope: DeadlineScope, seconds: float) -> int:
         loop = asyncio.get_running_loop()

@@ -207,7 +207,6 @@ class EventDispatcher:
         # Which subscriptions match a topic type, under the view they were matched in.
         self._matched_in: ConsumerView | None = None
         self._matched: dict[str, list[Subscription]] = {}
-        self._delivered = metrics.EVENTS_DELIVERED.labels(agent_type)
         self._agent_ids: dict[str, AgentId] = {}
         self._lanes: dict[str, _Lane] = {}
         self._consumer: PullConsumer | None = None
@@ -475,7 +474,7 @@ class EventDispatcher:
             return
         elapsed = time.monotonic() - started
         await msg.ack()
-        self._delivered.inc()
+        metrics.HANDLED.event_delivered(self.agent_type)
         for sub in matching:
             stats = self.stats[sub.id]
             stats.successes += 1

@@ -8,14 +8,23 @@ not produce stay absent or zero there.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from typing import Any
+from itertools import accumulate
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+#: The buckets' ``le`` labels, written as prometheus_client writes them.
+_BUCKET_LABELS = [floatToGoString(b) for b in _BUCKETS]  # type: ignore[no-untyped-call]
 
 GATEWAY_REQUESTS = Counter(
     "mesh_gateway_requests_total",
@@ -30,17 +39,7 @@ GATEWAY_DURATION = Histogram(
 )
 GATEWAY_IN_FLIGHT = Gauge("mesh_gateway_requests_in_flight", "Requests the gateway holds now.")
 RATE_LIMITED = Counter("mesh_rate_limited_total", "Requests refused with 429.")
-WORKER_REQUESTS = Counter(
-    "mesh_worker_requests_total", "Requests a worker handled, by outcome.", ["agent_type", "code"]
-)
-HANDLER_DURATION = Histogram(
-    "mesh_handler_duration_seconds", "Worker handler time.", ["agent_type"], buckets=_BUCKETS
-)
-WORKER_IN_FLIGHT = Gauge("mesh_worker_requests_in_flight", "Requests a worker is handling now.")
 EVENTS_PUBLISHED = Counter("mesh_events_published_total", "Events published from this process.")
-EVENTS_DELIVERED = Counter(
-    "mesh_events_delivered_total", "Events handled by a subscriber.", ["agent_type"]
-)
 EVENTS_RETRIED = Counter(
     "mesh_events_retried_total", "Event deliveries that failed and will be retried.", ["agent_type"]
 )
@@ -56,20 +55,76 @@ STATE_WRITE_RETRIES = Counter(
 )
 
 
-#: Labelled children by (agent type, code): looking them up again costs more than
-#: counting, and this runs for every message a worker handles.
-_handled: dict[tuple[str, str], tuple[Any, Any]] = {}
+class HandledTally(Collector):
+    """What the workers of this process handle, counted in plain numbers and read at
+    scrape time: this runs for every message, and prometheus_client takes a lock for
+    every count. Served as ``mesh_worker_requests_total``, ``mesh_handler_duration_seconds``,
+    ``mesh_worker_requests_in_flight`` and ``mesh_events_delivered_total``."""
+
+    def __init__(self) -> None:
+        #: Requests and events handled, by (agent type, code).
+        self.requests: dict[tuple[str, str], int] = {}
+        #: Handler times by agent type: a count per bucket (the last one past them all),
+        #: then their sum.
+        self.durations: dict[str, list[float]] = {}
+        #: Messages being handled now.
+        self.in_flight = 0
+        #: Events handled, by agent type.
+        self.delivered: dict[str, int] = {}
+
+    def handled(self, agent_type: str, code: str, seconds: float) -> None:
+        key = (agent_type, code)
+        self.requests[key] = self.requests.get(key, 0) + 1
+        counts = self.durations.get(agent_type)
+        if counts is None:
+            counts = self.durations[agent_type] = [0.0] * (len(_BUCKETS) + 2)
+        counts[bisect_left(_BUCKETS, seconds)] += 1
+        counts[-1] += seconds
+
+    def event_delivered(self, agent_type: str) -> None:
+        self.delivered[agent_type] = self.delivered.get(agent_type, 0) + 1
+
+    def collect(self) -> Iterable[Metric]:
+        # Read in another thread (the /metrics server's): copy before iterating.
+        requests = CounterMetricFamily(
+            "mesh_worker_requests_total",
+            "Requests a worker handled, by outcome.",
+            labels=["agent_type", "code"],
+        )
+        for (agent_type, code), count in sorted(list(self.requests.items())):
+            requests.add_metric([agent_type, code], count)
+        yield requests
+        durations = HistogramMetricFamily(
+            "mesh_handler_duration_seconds", "Worker handler time.", labels=["agent_type"]
+        )
+        for agent_type, tally in sorted(list(self.durations.items())):
+            counts = list(tally)
+            cumulative = list(accumulate(counts[:-1]))
+            buckets = list(zip(_BUCKET_LABELS, cumulative, strict=False))
+            buckets.append(("+Inf", cumulative[-1]))
+            durations.add_metric([agent_type], buckets, sum_value=counts[-1])
+        yield durations
+        yield GaugeMetricFamily(
+            "mesh_worker_requests_in_flight",
+            "Requests a worker is handling now.",
+            value=self.in_flight,
+        )
+        delivered = CounterMetricFamily(
+            "mesh_events_delivered_total",
+            "Events handled by a subscriber.",
+            labels=["agent_type"],
+        )
+        for agent_type, count in sorted(list(self.delivered.items())):
+            delivered.add_metric([agent_type], count)
+        yield delivered
+
+
+HANDLED = HandledTally()
+REGISTRY.register(HANDLED)
 
 
 def observe_handled(agent_type: str, code: str, seconds: float) -> None:
-    children = _handled.get((agent_type, code))
-    if children is None:
-        children = _handled[(agent_type, code)] = (
-            WORKER_REQUESTS.labels(agent_type, code),
-            HANDLER_DURATION.labels(agent_type),
-        )
-    children[0].inc()
-    children[1].observe(seconds)
+    HANDLED.handled(agent_type, code, seconds)
 
 
 def observe_forwarded(agent_type: str, code: str, seconds: float) -> None:

@@ -609,12 +609,11 @@ class Worker(Lifecycle):
             request_id=request_id,
             server=TOPIC not in headers,
         ) as trace:
-            loop = asyncio.get_running_loop()
-            started = loop.time()
+            started = time.monotonic()
             failed = True
             code = "200"
             self._inflight += 1
-            metrics.WORKER_IN_FLIGHT.inc()
+            metrics.HANDLED.in_flight += 1
             try:
                 body, reply_headers = await self._handle(
                     agent_id, data, headers, request_id, answer
@@ -631,8 +630,8 @@ class Worker(Lifecycle):
                 raise
             finally:
                 self._inflight -= 1
-                metrics.WORKER_IN_FLIGHT.dec()
-                elapsed = loop.time() - started
+                metrics.HANDLED.in_flight -= 1
+                elapsed = time.monotonic() - started
                 self._load.record(elapsed, failed)
                 metrics.observe_handled(agent_id.type, code, elapsed)
                 logger.debug("%s answered %s in %.2f ms", agent_id, code, elapsed * 1e3)
@@ -752,7 +751,7 @@ class Worker(Lifecycle):
             if self._cancelled.pop(request_id, None) is not None:
                 raise NoWorkerAvailableError(f"request {request_id} was cancelled by its caller")
             self._running[request_id] = task
-        deadline = self._deadlines.scope(timeout)
+        deadline = self._deadlines.scope(timeout, task)
         try:
             with deadline:
                 return await self._activations.run(agent_id, work)
