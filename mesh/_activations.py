@@ -147,7 +147,7 @@ class ActivationTable:
     async def run(self, agent_id: AgentId, work: Callable[[Agent], Awaitable[T]]) -> T:
         """Run `work` on the agent's instance, alone in its mailbox."""
         while True:
-            activation = await self._activation(agent_id)
+            activation = self._active.get(agent_id) or await self._activation(agent_id)
             limit = self._mailbox_limit
             if limit is not None and activation.pending >= limit and not activation.agent.stateless:
                 raise NoWorkerAvailableError(

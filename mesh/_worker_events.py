@@ -21,7 +21,7 @@ from nats.aio.subscription import Subscription
 
 from mesh._batching import DeliveryBatcher
 from mesh._dispatch import EventDispatcher
-from mesh._wire import EPOCH, TIMEOUT_MS
+from mesh._wire import TIMEOUT_MS
 from mesh.config import EventsConfig
 from mesh.errors import NoWorkerAvailableError
 from mesh.handlers.gateway import Gateway
@@ -30,8 +30,9 @@ from mesh.subjects import Subjects
 
 logger = logging.getLogger(__name__)
 
-ServeHere = Callable[[AgentId, bytes, dict[str, str]], Awaitable[object]]
-"""Handle one delivery on this worker, raising `MeshError` if it failed."""
+ServeHere = Callable[[AgentId, bytes, dict[str, str], float, int | None], Awaitable[object]]
+"""``serve_here(agent_id, body, headers, timeout, epoch)``: handle one delivery on this
+worker (placed here at revision `epoch`, if placed), raising `MeshError` if it failed."""
 
 
 class WorkerEvents:
@@ -117,9 +118,8 @@ class WorkerEvents:
     async def _send(
         self, agent_id: AgentId, data: bytes, headers: dict[str, str], timeout: float
     ) -> None:
-        headers[TIMEOUT_MS] = str(max(1, int(timeout * 1000)))
         if self._is_stateless(agent_id.type):
-            await self._serve_here(agent_id, data, headers)
+            await self._serve_here(agent_id, data, headers, timeout, None)
             return
         gateway, batcher = await self._placer()
         placement = gateway.placements.get(agent_id)
@@ -129,10 +129,10 @@ class WorkerEvents:
             # a move elsewhere shows in the table.)
             placement = await gateway.placement_for(agent_id)
         if placement.worker_id != self._worker_id:
+            headers[TIMEOUT_MS] = str(max(1, int(timeout * 1000)))
             await batcher.send(agent_id, data, headers, timeout)
             return
-        headers[EPOCH] = str(placement.revision)
-        await self._serve_here(agent_id, data, headers)
+        await self._serve_here(agent_id, data, headers, timeout, placement.revision)
 
     async def stop(self, grace: float) -> None:
         """Stop reading, hand queued events back and give up the pins; deliveries under

@@ -96,6 +96,9 @@ def codec_for(content_type: str | None) -> Codec:
     """
     if not content_type:
         return JSON_CODEC
+    known = _BY_HEADER.get(content_type)
+    if known is not None:
+        return known
     media_type = content_type.split(";", 1)[0].strip().lower()
     if media_type in ("application/x-msgpack", "application/vnd.msgpack"):
         media_type = MSGPACK
@@ -104,7 +107,13 @@ def codec_for(content_type: str | None) -> Codec:
         raise UnsupportedContentTypeError(
             f"unsupported Content-Type {content_type!r}: use {JSON} or {MSGPACK}"
         )
+    if len(_BY_HEADER) < 64:  # header values seen: a handful in practice
+        _BY_HEADER[content_type] = codec
     return codec
+
+
+#: Codecs by the exact header values that named them.
+_BY_HEADER: dict[str, Codec] = {}
 
 
 def to_plain(value: Any) -> Any:

@@ -588,16 +588,34 @@ class Worker(Lifecycle):
 
     async def _serve_one(self, agent_id: AgentId, data: bytes, headers: dict[str, str]) -> Reply:
         """A request: its reply, or the `MeshError` to answer with."""
-        reply = await self._serve_message(agent_id, data, headers, answer=True)
+        reply = await self._serve_message(agent_id, data, headers, True, None, _epoch_of(headers))
         assert reply is not None
         return reply
 
-    async def _serve_event(self, agent_id: AgentId, data: bytes, headers: dict[str, str]) -> None:
-        """An event: what the handler returns goes nowhere, and no caller can cancel it."""
-        await self._serve_message(agent_id, data, headers, answer=False)
+    async def _serve_event(
+        self,
+        agent_id: AgentId,
+        data: bytes,
+        headers: dict[str, str],
+        timeout: float | None = None,
+        epoch: int | None = None,
+    ) -> None:
+        """An event: what the handler returns goes nowhere, and no caller can cancel it.
+
+        Read here, its handler's `timeout` and the `epoch` of its placement here come as
+        arguments; from another worker, in its headers."""
+        if epoch is None:
+            epoch = _epoch_of(headers)
+        await self._serve_message(agent_id, data, headers, False, timeout, epoch)
 
     async def _serve_message(
-        self, agent_id: AgentId, data: bytes, headers: dict[str, str], *, answer: bool
+        self,
+        agent_id: AgentId,
+        data: bytes,
+        headers: dict[str, str],
+        answer: bool,
+        timeout: float | None,
+        epoch: int | None,
     ) -> Reply | None:
         request_id = headers.get(REQUEST_ID) or new_request_id()
         # This task serves this one message: its log lines and what the handler sends
@@ -616,7 +634,7 @@ class Worker(Lifecycle):
             metrics.HANDLED.in_flight += 1
             try:
                 body, reply_headers = await self._handle(
-                    agent_id, data, headers, request_id, answer
+                    agent_id, data, headers, request_id, answer, timeout, epoch
                 )
                 failed = False
                 if not answer:
@@ -643,16 +661,21 @@ class Worker(Lifecycle):
         headers: dict[str, str],
         request_id: str,
         answer: bool,
+        timeout: float | None,
+        epoch: int | None,
     ) -> Reply:
         cls = self._activations.agent_class(agent_id.type)
         if cls is None:
             raise AgentTypeNotFoundError(f"worker {self.id} does not host {agent_id.type!r}")
+        if timeout is None:
+            timeout = parse_timeout(headers, MAX_HANDLER_TIME, MAX_HANDLER_TIME)
         if cls.raw:
-            return await self._handle_raw(agent_id, data, headers, request_id, answer)
+            return await self._handle_raw(
+                agent_id, data, headers, request_id, answer, timeout, epoch
+            )
         codec = request_codec(headers)
         spec = self._handler_for(cls, agent_id, headers)
         message = decode(data, spec.message_type, codec)
-        timeout = parse_timeout(headers, MAX_HANDLER_TIME, MAX_HANDLER_TIME)
         # This task serves this one request: what the handler sends inherits its deadline.
         current_deadline.set(Deadline(timeout))
         ctx = self._context(agent_id, spec.message_type_name, request_id, headers, timeout)
@@ -661,7 +684,7 @@ class Worker(Lifecycle):
             spec.name,
             timeout,
             request_id,
-            headers,
+            epoch,
             lambda a: spec.method(a, message, ctx),
             cancellable=answer,
         )
@@ -680,9 +703,10 @@ class Worker(Lifecycle):
         headers: dict[str, str],
         request_id: str,
         answer: bool,
+        timeout: float,
+        epoch: int | None,
     ) -> Reply:
         """A message for a type that decodes its own: handed over as it came."""
-        timeout = parse_timeout(headers, MAX_HANDLER_TIME, MAX_HANDLER_TIME)
         current_deadline.set(Deadline(timeout))
         message = RawMessage(
             data=data,
@@ -695,7 +719,7 @@ class Worker(Lifecycle):
             "on_raw_message",
             timeout,
             request_id,
-            headers,
+            epoch,
             lambda agent: agent.on_raw_message(message, ctx),
             cancellable=answer,
         )
@@ -731,14 +755,14 @@ class Worker(Lifecycle):
         name: str,
         timeout: float,
         request_id: str,
-        headers: dict[str, str],
+        epoch: int | None,
         call: Callable[[Agent], Awaitable[Any]],
         *,
         cancellable: bool,
     ) -> Any:
         """Run `call` on the agent in its mailbox, within `timeout`; when `cancellable`,
-        a caller's cancel notice (`mesh.cancel`) cancels it."""
-        epoch = _epoch_of(headers)
+        a caller's cancel notice (`mesh.cancel`) cancels it. `epoch`: the revision of
+        the agent's placement here, when the message names it."""
 
         async def work(agent: Agent) -> Any:
             if epoch is not None and (agent._epoch is None or epoch > agent._epoch):
