@@ -22,6 +22,8 @@ def _served_metric_names() -> set[str]:
             names.add(collector._name + "_total")  # type: ignore[attr-defined]
         elif isinstance(collector, Gauge | Histogram):
             names.add(collector._name)  # type: ignore[attr-defined]
+    for family in metrics.HANDLED.collect():  # the per-message tally's metrics
+        names.add(family.name + "_total" if family.type == "counter" else family.name)
     return names
 
 
