@@ -40,6 +40,11 @@ _PIN_ID = "Nats-Pin-Id"
 _API_PREFIX = "$JS.API"
 
 
+def consumer_api(op: str, stream: str, durable: str) -> str:
+    """The JetStream API subject of operation `op` on a consumer."""
+    return f"{_API_PREFIX}.CONSUMER.{op}.{stream}.{durable}"
+
+
 def delivery_of(msg: Msg) -> tuple[int, int]:
     """(stream sequence, times delivered) of a message a consumer delivered, read from
     its reply subject, ``$JS.ACK.[<domain>.<account>.]<stream>.<consumer>.<delivered>.
@@ -92,8 +97,8 @@ class PullConsumer:
         group: str | None = None,
     ) -> None:
         self._nc = nc
-        self._next_subject = f"{_API_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{durable}"
-        self._unpin_subject = f"{_API_PREFIX}.CONSUMER.UNPIN.{stream}.{durable}"
+        self._next_subject = consumer_api("MSG.NEXT", stream, durable)
+        self._unpin_subject = consumer_api("UNPIN", stream, durable)
         self._on_message = on_message
         self._room = room
         self._on_gone = on_gone

@@ -26,6 +26,7 @@ import orjson
 from nats.aio.client import Client as NATS
 from pydantic import TypeAdapter
 
+from mesh._consume import consumer_api
 from mesh.config import EventsConfig
 from mesh.subjects import Subjects, escape_token
 from mesh.subscriptions import Subscription
@@ -87,13 +88,9 @@ def _error(answer: dict[str, object]) -> dict[str, object] | None:
     return error if isinstance(error, dict) else None
 
 
-def _consumer_api(op: str, stream: str, durable: str) -> str:
-    return f"$JS.API.CONSUMER.{op}.{stream}.{durable}"
-
-
 async def _info(nc: NATS, stream: str, durable: str, timeout: float) -> dict[str, object] | None:
     """The consumer's info; None when it (or its stream) does not exist."""
-    answer = await _api(nc, _consumer_api("INFO", stream, durable), b"", timeout)
+    answer = await _api(nc, consumer_api("INFO", stream, durable), b"", timeout)
     error = _error(answer)
     if error is None:
         return answer
@@ -230,7 +227,7 @@ class EventConsumer:
             raise ConsumerSetupError(f"consumer {self.durable}: {error.get('description')}")
 
     def _api(self, op: str) -> str:
-        return _consumer_api(op, self._stream, self.durable)
+        return consumer_api(op, self._stream, self.durable)
 
     async def _resume_point(self) -> int | None:
         answer = await _info(self._nc, self._stream, self.durable, 5.0)

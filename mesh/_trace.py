@@ -25,12 +25,12 @@ _ZERO_SPAN: Final = "0" * 16
 _ids = random.Random()
 
 
-def _random_hex(digits: int, zero: str) -> str:
+def _random_span_id() -> str:
     # Ids need to be unique, not secret: the fast generator will do. All zeros is
-    # invalid (one chance in 2**64 at least): draw again.
-    while (value := _ids.randbytes(digits // 2).hex()) == zero:
+    # invalid (one chance in 2**64): draw again.
+    while (span_id := _ids.randbytes(8).hex()) == _ZERO_SPAN:
         pass
-    return value
+    return span_id
 
 
 class TraceContext(NamedTuple):
@@ -42,10 +42,10 @@ class TraceContext(NamedTuple):
 
     @classmethod
     def new(cls) -> TraceContext:
-        ids = _random_hex(48, _ZERO_TRACE + _ZERO_SPAN)
+        ids = _ids.randbytes(24).hex()  # both ids in one draw
         trace_id, span_id = ids[:32], ids[32:]
         if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
-            return cls.new()
+            return cls.new()  # invalid, and as rare as in `_random_span_id`
         return cls(trace_id, span_id)
 
     @classmethod
@@ -59,7 +59,7 @@ class TraceContext(NamedTuple):
         return cls(match[1], match[2], match[3])
 
     def child(self) -> TraceContext:
-        return TraceContext(self.trace_id, _random_hex(16, _ZERO_SPAN), self.flags)
+        return TraceContext(self.trace_id, _random_span_id(), self.flags)
 
     def header(self) -> str:
         return f"00-{self.trace_id}-{self.span_id}-{self.flags}"
