@@ -31,6 +31,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from mesh._connect import Connection
+
 logger = logging.getLogger(__name__)
 
 _STATUS = "Status"
@@ -61,8 +63,14 @@ def delivery_of(msg: Msg) -> tuple[int, int]:
     return int(tokens[at + 1]), int(tokens[at])
 
 
-class ConsumerGoneError(Exception):
-    """The server says the consumer (or its stream) does not exist."""
+async def ack(msg: Msg) -> None:
+    """``msg.ack()``: on a mesh connection, written straight to its outgoing buffer."""
+    nc = msg._client
+    if isinstance(nc, Connection) and msg.reply and not msg._ackd:
+        msg._ackd = True
+        await nc.publish_reply(msg.reply)
+    else:
+        await msg.ack()
 
 
 class PullConsumer:
@@ -155,9 +163,7 @@ class PullConsumer:
         try:
             while subscription is None and not self._stopping:
                 try:
-                    subscription = await self._nc.subscribe(
-                        inbox, cb=self._receive, pending_msgs_limit=1_000_000
-                    )
+                    subscription = await self._subscribe(inbox)
                 except Exception as exc:  # reconnecting: try again shortly
                     logger.info("subscribing for %s failed: %s", self._next_subject, exc)
                     await asyncio.sleep(min(1.0, self._heartbeat))
@@ -179,6 +185,15 @@ class PullConsumer:
                 with contextlib.suppress(Exception):
                     await subscription.unsubscribe()
 
+    async def _subscribe(self, inbox: str) -> Subscription:
+        if isinstance(self._nc, Connection):  # straight from the read loop
+            return await self._nc.subscribe_direct(inbox, self._receive)
+
+        async def receive(msg: Msg) -> None:
+            self._receive(msg)
+
+        return await self._nc.subscribe(inbox, cb=receive, pending_msgs_limit=1_000_000)
+
     async def _request(self, inbox: str, count: int) -> None:
         request: dict[str, object] = {
             "batch": count,
@@ -198,7 +213,7 @@ class PullConsumer:
         self._outstanding += count
         self._last_heard = time.monotonic()
 
-    async def _receive(self, msg: Msg) -> None:
+    def _receive(self, msg: Msg) -> None:
         self._last_heard = time.monotonic()
         headers = msg.headers
         if msg.data or not headers or _STATUS not in headers:

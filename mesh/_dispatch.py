@@ -39,7 +39,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from mesh import metrics
-from mesh._consume import PullConsumer, delivery_of
+from mesh._consume import PullConsumer, ack, delivery_of
 from mesh._event_consumer import (
     PRIORITY_GROUP,
     ConsumerView,
@@ -473,7 +473,7 @@ class EventDispatcher:
                 await msg.nak(delay=delay)
             return
         elapsed = time.monotonic() - started
-        await msg.ack()
+        await ack(msg)
         metrics.HANDLED.event_delivered(self.agent_type)
         for sub in matching:
             stats = self.stats[sub.id]

@@ -1,4 +1,4 @@
-"""Mesh's connections: nats-py's client with a faster header parser, same results."""
+"""Mesh's connections: nats-py's client with faster parsers and direct subscriptions."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ import random
 
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from mesh._connect import Connection, connect
 from mesh.config import ConnectConfig
+from mesh.testing import eventually
 
 SAMPLES = [
     b"Content-Type: application/json\r\nMesh-Msg-Type: Tick\r\n\r\n",
@@ -47,5 +49,62 @@ async def test_headers_cross_a_real_server_intact(nats_url: str) -> None:
         await nc.publish("header.check", b"{}", headers=sent)
         msg = await subscription.next_msg(timeout=5)
         assert msg.headers == sent
+    finally:
+        await nc.close()
+
+
+async def test_a_direct_subscription_sees_what_a_queued_one_sees(nats_url: str) -> None:
+    nc = await connect(ConnectConfig(url=nats_url), name="direct-check")
+    assert isinstance(nc, Connection)
+    direct: list[Msg] = []
+    try:
+        await nc.subscribe_direct("direct.>", direct.append)
+        queued = await nc.subscribe("direct.>")
+        sent = [
+            ("direct.a", b"one", None, ""),
+            ("direct.b", b"", {"Content-Type": "application/json", "X": "é"}, "reply.to"),
+            ("direct.c", b"x" * 70_000, {"K": "v"}, ""),  # more than one read
+        ]
+        for subject, data, headers, reply in sent:
+            await nc.publish(subject, data, headers=headers, reply=reply)
+        expected = [await queued.next_msg(timeout=5) for _ in sent]
+        await eventually(lambda: len(direct) == len(sent), timeout=5)
+        for got, want in zip(direct, expected, strict=True):
+            assert (got.subject, got.reply, got.data, got.headers) == (
+                want.subject,
+                want.reply,
+                want.data,
+                want.headers,
+            )
+        # A status message (no responders) carries the status as nats-py reads it.
+        await nc.publish("nobody.listens", b"", reply="direct.status")
+        await eventually(lambda: len(direct) == 4, timeout=5)
+        assert direct[3].headers is not None and direct[3].headers["Status"] == "503"
+    finally:
+        await nc.close()
+
+
+async def test_a_failing_direct_handler_leaves_the_connection_reading(nats_url: str) -> None:
+    nc = await connect(ConnectConfig(url=nats_url), name="direct-failing")
+    assert isinstance(nc, Connection)
+    seen: list[bytes] = []
+
+    def fail_on_bad(msg: Msg) -> None:
+        seen.append(msg.data)
+        if msg.data == b"bad":
+            raise ValueError("handler bug")
+
+    try:
+        subscription = await nc.subscribe_direct("direct.fail", fail_on_bad)
+        for data in (b"bad", b"good"):
+            await nc.publish("direct.fail", data)
+        await eventually(lambda: seen == [b"bad", b"good"], timeout=5)
+        # Unsubscribed, the handler hears nothing more (a flush orders the two).
+        await subscription.unsubscribe()
+        await nc.publish("direct.fail", b"late")
+        await nc.flush()
+        reply = await nc.request("$JS.API.INFO", b"", timeout=5)  # a round trip past it
+        assert reply.data and seen == [b"bad", b"good"]
+        assert nc.is_connected
     finally:
         await nc.close()

@@ -9,8 +9,11 @@ import orjson
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import MsgAlreadyAckdError
 
-from mesh._consume import PullConsumer, delivery_of
+from mesh._connect import connect
+from mesh._consume import PullConsumer, ack, delivery_of
+from mesh.config import ConnectConfig
 from mesh.testing import eventually
 
 GROUP = "mesh"
@@ -135,3 +138,34 @@ def test_delivery_of_reads_the_domain_form_and_refuses_other_replies() -> None:
     for bad in ("", "_INBOX.abc", "$JS.ACK.too.short", "$JS.ACK.a.b.c.1.2.3.4.5"):
         with pytest.raises(ValueError):
             delivery_of(Msg(_client=None, subject="x", reply=bad))  # type: ignore[arg-type]
+
+
+async def test_ack_on_a_mesh_connection_settles_the_delivery_once(
+    nc: NATS, nats_url: str, pinned_stream: tuple[str, str]
+) -> None:
+    stream, subject = pinned_stream
+    mesh_nc = await connect(ConnectConfig(url=nats_url), name="ack-check")
+    messages: list[Msg] = []
+    consumer = PullConsumer(
+        mesh_nc, stream, "pinned", messages.append, lambda: 100, lambda: None, group=GROUP
+    )
+    consumer.start()
+    try:
+        for n in range(3):
+            await nc.jetstream().publish(f"{subject}.a", str(n).encode())
+        await eventually(lambda: len(messages) == 3, timeout=10)
+        for msg in messages:
+            await ack(msg)
+        with pytest.raises(MsgAlreadyAckdError):
+            await ack(messages[0])
+
+        async def all_acknowledged() -> bool:
+            info = await nc.jetstream().consumer_info(stream, "pinned")
+            return info.ack_floor is not None and info.ack_floor.stream_seq == 3
+
+        await eventually(all_acknowledged, timeout=10)
+        info = await nc.jetstream().consumer_info(stream, "pinned")
+        assert info.num_ack_pending == 0 and info.num_redelivered == 0
+    finally:
+        await consumer.stop()
+        await mesh_nc.close()
