@@ -109,7 +109,8 @@ class FastParser(Parser):
             payload = bytes(buf[start + headers_size : start + total])
         else:
             headers, payload = None, bytes(buf[start : start + total])
-        return self.nc._process_msg(sid, subject, reply, payload, headers)
+        handled: Awaitable[None] = self.nc._process_msg(sid, subject, reply, payload, headers)
+        return handled
 
     async def _other(self, line: bytes) -> None:
         """A control line other than a message's, as nats-py reads it."""
