@@ -154,6 +154,15 @@ def read_stats_report(data: bytes) -> tuple[str, str, dict[str, SubscriptionStat
         raise ValueError(f"not a delivery statistics report: {exc}") from exc
 
 
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """Where the events of one subject go, worked out once per subject."""
+
+    topic: TopicId
+    topic_text: str  # the ``Mesh-Topic`` header
+    agent_id: AgentId
+
+
 @dataclass(slots=True)
 class _Event:
     """A fetched event on its way to its agent."""
@@ -161,7 +170,7 @@ class _Event:
     msg: Msg
     sequence: int  # in the stream
     deliveries: int  # this one included
-    topic: TopicId | None  # None: its subject names no valid topic
+    route: _Route | InvalidIdError  # the error: its subject names no valid topic or agent
     matching: list[Subscription]
 
 
@@ -204,10 +213,13 @@ class EventDispatcher:
         self.stats: dict[str, SubscriptionStats] = {}
         self._stats_changed = False
         self._view: ConsumerView | None = None
-        # Which subscriptions match a topic type, under the view they were matched in.
+        # When each subscription last matched (time.time()), for the next report.
+        self._last_matched: dict[str, float] = {}
+        # Which subscriptions match a topic type, and whether any of them expires, under
+        # the view they were matched in.
         self._matched_in: ConsumerView | None = None
-        self._matched: dict[str, list[Subscription]] = {}
-        self._agent_ids: dict[str, AgentId] = {}
+        self._matched: dict[str, tuple[list[Subscription], bool]] = {}
+        self._routes: dict[str, _Route | InvalidIdError] = {}
         self._lanes: dict[str, _Lane] = {}
         self._consumer: PullConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -332,6 +344,8 @@ class EventDispatcher:
         if not self._stats_changed:
             return
         self._stats_changed = False
+        for sub_id, at in self._last_matched.items():
+            self.stats[sub_id].last_matched = datetime.fromtimestamp(at, UTC)
         with contextlib.suppress(Exception):
             await self._nc.publish(
                 self._subjects.service("router", "delivery_stats"),
@@ -348,29 +362,42 @@ class EventDispatcher:
     def _matching(self, topic: TopicId, view: ConsumerView) -> list[Subscription]:
         if view is not self._matched_in or len(self._matched) > MATCH_CACHE_SIZE:
             self._matched_in, self._matched = view, {}
-        matching = self._matched.get(topic.type)
-        if matching is None:
-            matching = self._matched[topic.type] = [
-                s for s in view.subscriptions if s.matches(topic)
-            ]
-        if any(s.expires_at is not None for s in matching):
+        known = self._matched.get(topic.type)
+        if known is None:
+            matching = [s for s in view.subscriptions if s.matches(topic)]
+            known = self._matched[topic.type] = (
+                matching,
+                any(s.expires_at is not None for s in matching),
+            )
+        matching, expiring = known
+        if expiring:
             now = datetime.now(UTC)
             return [s for s in matching if not s.is_expired(now)]
         return matching
+
+    def _route(self, subject: str) -> _Route | InvalidIdError:
+        route = self._routes.get(subject)
+        if route is None:
+            if len(self._routes) >= MATCH_CACHE_SIZE:
+                self._routes.clear()
+            try:
+                topic = self._subjects.parse_events(subject)
+                route = _Route(topic, str(topic), AgentId(self.agent_type, topic.source))
+            except InvalidIdError as exc:
+                route = exc.with_traceback(None)  # dead-lettered in its lane
+            self._routes[subject] = route
+        return route
 
     def _enqueue(self, msg: Msg) -> None:
         sequence, deliveries = delivery_of(msg)
         if sequence in self._held:
             return  # a redelivery of an event still queued or in delivery here
         self._held[sequence] = msg
-        try:
-            topic: TopicId | None = self._subjects.parse_events(msg.subject)
-        except InvalidIdError:
-            topic = None  # dead-lettered in its lane
-        event = _Event(msg, sequence, deliveries, topic, [])
-        if topic is not None and self._view is not None:
+        route = self._route(msg.subject)
+        event = _Event(msg, sequence, deliveries, route, [])
+        if type(route) is _Route and self._view is not None:
             if self._stale_since is None:
-                event.matching = self._matching(topic, self._view)
+                event.matching = self._matching(route.topic, self._view)
             if not event.matching:
                 self._unmatched.append((time.monotonic(), event))
                 self._look.set()
@@ -378,7 +405,8 @@ class EventDispatcher:
         self._to_lane(event)
 
     def _to_lane(self, event: _Event) -> None:
-        source = event.topic.source if event.topic is not None else event.msg.subject
+        route = event.route
+        source = route.topic.source if type(route) is _Route else event.msg.subject
         lane = self._lanes.get(source)
         if lane is None:
             lane = self._lanes[source] = _Lane()
@@ -394,8 +422,8 @@ class EventDispatcher:
         decided = [event for at, event in self._unmatched if at <= view.read_at]
         self._unmatched = waiting
         for event in decided:
-            assert event.topic is not None
-            event.matching = self._matching(event.topic, view)
+            assert isinstance(event.route, _Route)
+            event.matching = self._matching(event.route.topic, view)
             if event.matching:
                 self._to_lane(event)
             else:  # no subscription (any more) wants it
@@ -426,18 +454,17 @@ class EventDispatcher:
                 lane.task = asyncio.create_task(self._drive(source, lane))
 
     async def _deliver(self, event: _Event) -> None:
-        msg, topic, matching = event.msg, event.topic, event.matching
-        if topic is None:
-            error = InvalidIdError(f"{msg.subject!r} does not name a valid topic")
-            await self._dead_letter(event, error)
+        msg, route, matching = event.msg, event.route, event.matching
+        if not isinstance(route, _Route):
+            await self._dead_letter(event, route)
             return
-        now = datetime.now(UTC)
+        now = time.time()
         for sub in matching:
             stats = self.stats.get(sub.id)
             if stats is None:
                 stats = self.stats[sub.id] = SubscriptionStats()
             stats.matches += 1
-            stats.last_matched = now
+            self._last_matched[sub.id] = now
         self._stats_changed = True
         received = msg.headers
         headers = (
@@ -445,14 +472,12 @@ class EventDispatcher:
             if received
             else {}
         )
-        headers[TOPIC] = str(topic)
+        headers[TOPIC] = route.topic_text
         headers[REQUEST_ID] = f"event-{event.sequence}"
         settings = self._settings
         started = time.monotonic()
         try:
-            await self._send(
-                self._agent_id(topic.source), msg.data, headers, settings.handler_timeout
-            )
+            await self._send(route.agent_id, msg.data, headers, settings.handler_timeout)
         except MeshError as exc:
             deliveries = event.deliveries
             if exc.code in PERMANENT or (
@@ -479,15 +504,6 @@ class EventDispatcher:
             stats = self.stats[sub.id]
             stats.successes += 1
             stats.handling_seconds += elapsed
-
-    def _agent_id(self, source: str) -> AgentId:
-        """The agent of a source (ids are checked when made: made once per source)."""
-        agent_id = self._agent_ids.get(source)
-        if agent_id is None:
-            if len(self._agent_ids) >= MATCH_CACHE_SIZE:
-                self._agent_ids.clear()
-            agent_id = self._agent_ids[source] = AgentId(self.agent_type, source)
-        return agent_id
 
     def _retry_delay(self, deliveries: int) -> float:
         return float(min(self._settings.retry_delay * 2 ** max(0, deliveries - 1), 60.0))
