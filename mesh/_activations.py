@@ -144,8 +144,11 @@ class ActivationTable:
         """Load and save persistent agents' state with `keeper` from now on."""
         self._keeper = keeper
 
-    async def run(self, agent_id: AgentId, work: Callable[[Agent], Awaitable[T]]) -> T:
-        """Run `work` on the agent's instance, alone in its mailbox."""
+    async def run(
+        self, agent_id: AgentId, work: Callable[[Agent], Awaitable[T]], epoch: int | None = None
+    ) -> T:
+        """Run `work` on the agent's instance, alone in its mailbox. `epoch`: the revision
+        of the agent's placement on this worker, when the message names it."""
         while True:
             activation = self._active.get(agent_id) or await self._activation(agent_id)
             limit = self._mailbox_limit
@@ -164,16 +167,20 @@ class ActivationTable:
                     if activation.retired:
                         continue  # deactivated while this message waited: use the next one
                     activation.last_used = time.monotonic()
-                    return await self._run_saving(activation.agent, work)
+                    agent = activation.agent
+                    if epoch is not None and (agent._epoch is None or epoch > agent._epoch):
+                        agent._epoch = epoch  # placed (again) on this worker at that revision
+                    if agent._keeper is None:
+                        return await work(agent)
+                    return await self._run_saving(agent, work)
             finally:
                 activation.pending -= 1
                 activation.last_used = time.monotonic()
 
     async def _run_saving(self, agent: Agent, work: Callable[[Agent], Awaitable[T]]) -> T:
-        """Run one message; save the state it changed (for persistent types)."""
+        """Run one message on a persistent agent; save the state it changed."""
         keeper = agent._keeper
-        if keeper is None:
-            return await work(agent)
+        assert keeper is not None
         try:
             result = await work(agent)
             if agent.autosave:

@@ -592,21 +592,22 @@ class Worker(Lifecycle):
         assert reply is not None
         return reply
 
-    async def _serve_event(
+    def _serve_event(
         self,
         agent_id: AgentId,
         data: bytes,
         headers: dict[str, str],
         timeout: float | None = None,
         epoch: int | None = None,
-    ) -> None:
-        """An event: what the handler returns goes nowhere, and no caller can cancel it.
+    ) -> Awaitable[Reply | None]:
+        """Serve an event: what the handler returns goes nowhere, and no caller can
+        cancel it.
 
         Read here, its handler's `timeout` and the `epoch` of its placement here come as
         arguments; from another worker, in its headers."""
         if epoch is None:
             epoch = _epoch_of(headers)
-        await self._serve_message(agent_id, data, headers, False, timeout, epoch)
+        return self._serve_message(agent_id, data, headers, False, timeout, epoch)
 
     async def _serve_message(
         self,
@@ -764,11 +765,6 @@ class Worker(Lifecycle):
         a caller's cancel notice (`mesh.cancel`) cancels it. `epoch`: the revision of
         the agent's placement here, when the message names it."""
 
-        async def work(agent: Agent) -> Any:
-            if epoch is not None and (agent._epoch is None or epoch > agent._epoch):
-                agent._epoch = epoch  # placed (again) on this worker at that revision
-            return await call(agent)
-
         task = asyncio.current_task()
         assert task is not None  # every message is served in a task of its own
         if cancellable:
@@ -778,7 +774,7 @@ class Worker(Lifecycle):
         deadline = self._deadlines.scope(timeout, task)
         try:
             with deadline:
-                return await self._activations.run(agent_id, work)
+                return await self._activations.run(agent_id, call, epoch)
         except asyncio.CancelledError:
             if task not in self._cancelled_here:
                 raise  # shutting down
