@@ -38,15 +38,18 @@ class Connection(NATS):
         self._ps = FastParser(self)
         self._direct: dict[int, DirectHandler] = {}
 
-    async def subscribe_direct(self, subject: str, handler: DirectHandler) -> Subscription:
-        """Subscribe `subject`, calling `handler` with each message as it is read.
+    async def subscribe_direct(
+        self, subject: str, handler: DirectHandler, queue: str = ""
+    ) -> Subscription:
+        """Subscribe `subject` (in `queue` group, if any), calling `handler` with each
+        message as it is read.
 
         The handler runs on the read loop: it must not block, and what it raises is
         logged and otherwise ignored. Unsubscribing the returned subscription (or
         closing the connection) ends the calls; it survives reconnects as any
         subscription does.
         """
-        subscription = await self.subscribe(subject)
+        subscription = await self.subscribe(subject, queue)
         self._direct[subscription._id] = handler
         return subscription
 
@@ -67,6 +70,22 @@ class Connection(NATS):
             await self._flush_pending(force_flush=True)
         elif self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
+
+    async def _init_request_sub(self) -> None:
+        # nats-py's reply inbox (one wildcard subscription for every request's reply),
+        # with each reply handed to its waiting request straight from the read loop.
+        self._resp_map = {}
+        self._resp_sub_prefix = self._inbox_prefix[:]
+        self._resp_sub_prefix.extend(b".")
+        self._resp_sub_prefix.extend(self._nuid.next())
+        self._resp_sub_prefix.extend(b".")
+        await self.subscribe_direct(self._resp_sub_prefix.decode() + "*", self._resolve_reply)
+
+    def _resolve_reply(self, msg: Msg) -> None:
+        token = msg.subject.rpartition(".")[2]  # the request's own, after the prefix
+        future = self._resp_map.get(token)
+        if future is not None and not future.done():
+            future.set_result(msg)
 
     def _remove_sub(self, sid: int, max_msgs: int = 0) -> None:
         self._direct.pop(sid, None)

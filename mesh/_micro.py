@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +35,7 @@ from nats.micro.service import (
     ServiceStats,
 )
 
+from mesh._connect import Connection
 from mesh._retry import JETSTREAM_UNAVAILABLE
 from mesh._wire import error_reply
 from mesh.errors import MeshError, NoWorkerAvailableError, PayloadTooLargeError
@@ -78,11 +79,17 @@ class _Endpoint:
         self.last_error = ""
 
     async def start(self) -> None:
-        self.subscription = await self.service.nc.subscribe(
-            self.subject, queue=self.queue_group or "", cb=self._dispatch
-        )
+        nc, queue = self.service.nc, self.queue_group or ""
+        if isinstance(nc, Connection):  # each request handed over as it is read
+            self.subscription = await nc.subscribe_direct(self.subject, self._dispatch, queue)
+            return
 
-    async def _dispatch(self, msg: Msg) -> None:
+        async def dispatch(msg: Msg) -> None:
+            self._dispatch(msg)
+
+        self.subscription = await nc.subscribe(self.subject, queue=queue, cb=dispatch)
+
+    def _dispatch(self, msg: Msg) -> None:
         limit = self.service.max_payload
         if limit is not None and len(msg.data) > limit:
             self.num_requests += 1
@@ -90,7 +97,7 @@ class _Endpoint:
                 f"a request of {len(msg.data)} bytes is over {self.service.name}'s limit of {limit}"
             )
             self._count_error(too_large)
-            await self._respond(msg, *error_reply(too_large, msg.headers))
+            self._run(self._respond(msg, *error_reply(too_large, msg.headers)))
             return
         if len(self.tasks) >= self.max_in_flight:
             self.num_requests += 1
@@ -98,9 +105,12 @@ class _Endpoint:
                 f"{self.service.name} is at its limit of {self.max_in_flight} requests in flight"
             )
             self._count_error(overloaded)
-            await self._respond(msg, *error_reply(overloaded, msg.headers))
+            self._run(self._respond(msg, *error_reply(overloaded, msg.headers)))
             return
-        task = asyncio.create_task(self._serve(msg), name=f"{self.service.name}:{self.name}")
+        self._run(self._serve(msg))
+
+    def _run(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work, name=f"{self.service.name}:{self.name}")
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 
 from mesh._connect import Connection, connect
 from mesh.config import ConnectConfig
@@ -106,5 +109,28 @@ async def test_a_failing_direct_handler_leaves_the_connection_reading(nats_url: 
         reply = await nc.request("$JS.API.INFO", b"", timeout=5)  # a round trip past it
         assert reply.data and seen == [b"bad", b"good"]
         assert nc.is_connected
+    finally:
+        await nc.close()
+
+
+async def test_requests_get_their_own_replies_and_no_responders_is_told(nats_url: str) -> None:
+    nc = await connect(ConnectConfig(url=nats_url), name="request-check")
+    assert isinstance(nc, Connection)
+
+    async def echo(msg: Msg) -> None:
+        await asyncio.sleep(0.001 * (int(msg.data) % 5))  # replies out of request order
+        await msg.respond(msg.data)
+
+    try:
+        await nc.subscribe("request.echo", cb=echo)
+        await nc.subscribe("request.silent")
+        replies = await asyncio.gather(
+            *(nc.request("request.echo", str(n).encode(), timeout=5) for n in range(200))
+        )
+        assert [reply.data for reply in replies] == [str(n).encode() for n in range(200)]
+        with pytest.raises(NoRespondersError):
+            await nc.request("request.nobody", b"", timeout=5)
+        with pytest.raises(nats.errors.TimeoutError):
+            await nc.request("request.silent", b"", timeout=0.2)  # heard, never answered
     finally:
         await nc.close()
