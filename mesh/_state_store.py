@@ -45,7 +45,7 @@ from mesh._conflicts import (
     merge_states,
     state_checksum,
 )
-from mesh._kv import BucketConfig, ensure_bucket
+from mesh._kv import BucketConfig, compare_and_set, ensure_bucket
 from mesh._placement import PlacementTable
 from mesh._retry import JETSTREAM_UNAVAILABLE
 from mesh.config import StateConfig
@@ -101,6 +101,7 @@ class StateStore:
         self._subjects = subjects
         self._config = config or StateConfig()
         self._kv: KeyValue | None = None
+        self._bucket_name = ""
         self._placements = PlacementTable(js, subjects, watch=False)
         # Agent key -> (revision, version) last written or read here: a write that
         # expects that version tries that revision first. Only a hint: CAS checks it.
@@ -111,6 +112,7 @@ class StateStore:
         if self._kv is None:
             bucket = state_bucket(self._subjects, self._config.history)
             self._kv = await ensure_bucket(self._js, bucket)
+            self._bucket_name = bucket.name
             await self._placements.start()
 
     async def get(self, agent_id: AgentId, version: int | None = None) -> StateRecord:
@@ -314,7 +316,7 @@ class StateStore:
             try:
                 if last is None:
                     return await kv.create(key, data)  # also after a purge
-                return await kv.update(key, data, last=last)
+                return await compare_and_set(self._js, self._bucket_name, key, data, last)
             except KeyWrongLastSequenceError:
                 if outcome_unknown:
                     landed = await self._landed(kv, key, data)

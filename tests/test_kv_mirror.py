@@ -6,9 +6,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 from nats.aio.client import Client as NATS
+from nats.js.errors import KeyWrongLastSequenceError, NoStreamResponseError
 from nats.js.kv import KeyValue
 
-from mesh._kv import BucketConfig, KvMirror, ensure_bucket
+from mesh._kv import BucketConfig, KvMirror, compare_and_set, ensure_bucket
 from mesh.subjects import Subjects
 from mesh.testing import eventually
 
@@ -97,3 +98,17 @@ async def test_a_quiet_or_busy_healthy_watch_is_left_alone(kv: KeyValue) -> None
         assert mirror.stalls == 0
     finally:
         await mirror.aclose()
+
+
+async def test_compare_and_set_answers_as_kv_update_does(nc: NATS, kv: KeyValue) -> None:
+    js, bucket = nc.jetstream(), kv._name
+    first = await kv.put("cas", b"one")
+    second = await compare_and_set(js, bucket, "cas", b"two", last=first)
+    assert second > first and (await kv.get("cas")).value == b"two"
+    with pytest.raises(KeyWrongLastSequenceError):
+        await compare_and_set(js, bucket, "cas", b"stale", last=first)
+    assert (await kv.get("cas")).value == b"two"
+    with pytest.raises(KeyWrongLastSequenceError):  # kv.update says the same
+        await kv.update("cas", b"stale", last=first)
+    with pytest.raises(NoStreamResponseError):
+        await compare_and_set(js, "no-such-bucket", "cas", b"x", last=1)
