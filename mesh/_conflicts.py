@@ -37,7 +37,12 @@ def canonical_json(state: Mapping[str, Any]) -> bytes:
 
 def state_checksum(state: Mapping[str, Any]) -> str:
     """``sha256:<hex>`` of the state's canonical JSON."""
-    return "sha256:" + hashlib.sha256(canonical_json(state)).hexdigest()
+    return checksum_of(canonical_json(state))
+
+
+def checksum_of(canonical: bytes) -> str:
+    """``sha256:<hex>`` of a state's canonical JSON (`canonical_json`)."""
+    return "sha256:" + hashlib.sha256(canonical).hexdigest()
 
 
 def merge_states(

@@ -24,6 +24,38 @@ logger = logging.getLogger(__name__)
 _WHITESPACE = re.compile(r"\s")
 
 
+#: What nats-py accepts as a header name, and how it keeps line breaks out of values.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NO_LINE_BREAKS = str.maketrans({"\r": " ", "\n": " "})
+#: Header names seen before, as given, with their encoded ``Name: `` (checked once).
+_header_prefixes: dict[str, bytes] = {}
+_KNOWN_HEADER_NAMES = 4096
+
+
+def encode_headers(headers: dict[str, Any]) -> bytes:
+    """A message's header block, as nats-py writes it (names stripped, empty ones
+    skipped, line breaks in values made spaces).
+
+    Raises:
+        BadHeaderError: A name has characters a header name cannot have.
+    """
+    lines = [b"NATS/1.0\r\n"]
+    for name, value in headers.items():
+        prefix = _header_prefixes.get(name)
+        if prefix is None:
+            stripped = name.strip()
+            if not stripped:
+                continue
+            if not _HEADER_NAME.fullmatch(stripped):
+                raise nats.errors.BadHeaderError(stripped)
+            prefix = (stripped + ": ").encode()
+            if len(_header_prefixes) < _KNOWN_HEADER_NAMES:
+                _header_prefixes[name] = prefix
+        lines.append(prefix + value.strip().translate(_NO_LINE_BREAKS).encode() + b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
 #: Called on the connection's read loop with each message of a direct subscription.
 DirectHandler = Callable[[Msg], None]
 _PLAIN_HEADER_START = b"NATS/1.0\r\n"
@@ -57,6 +89,41 @@ class Connection(NATS):
         subscription = await self.subscribe(subject, queue)
         self._direct[subscription._id] = handler
         return subscription
+
+    async def _send_publish(
+        self,
+        subject: str,
+        reply: str,
+        payload: bytes,
+        payload_size: int,
+        headers: dict[str, Any] | None,
+    ) -> None:
+        # nats-py's, with the header block encoded as `encode_headers` does it.
+        if subject == "":
+            raise nats.errors.BadSubjectError
+        if headers is None:
+            command = b"PUB %b %b %d\r\n%b\r\n" % (
+                subject.encode(),
+                reply.encode(),
+                payload_size,
+                payload,
+            )
+        else:
+            block = encode_headers(headers)
+            command = b"HPUB %b %b %d %d\r\n%b%b\r\n" % (
+                subject.encode(),
+                reply.encode(),
+                len(block),
+                len(block) + payload_size,
+                block,
+                payload,
+            )
+        stats = self.stats
+        stats["out_msgs"] += 1
+        stats["out_bytes"] += payload_size
+        await self._send_command(command)
+        if self._flush_queue is not None and self._flush_queue.empty():
+            await self._flush_pending()
 
     async def publish_reply(self, reply: str, payload: bytes = b"") -> None:
         """Publish `payload` without headers to `reply`, a subject the server handed us

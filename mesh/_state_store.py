@@ -42,6 +42,7 @@ from mesh._conflicts import (
     ConflictPolicy,
     FieldConflictError,
     canonical_json,
+    checksum_of,
     merge_states,
     state_checksum,
 )
@@ -156,9 +157,10 @@ class StateStore:
             BadRequestError: The state is not JSON.
         """
         try:
-            size = len(canonical_json(state))
+            ours_json = canonical_json(state)
         except TypeError as exc:
             raise BadRequestError(f"the state of {agent_id} is not JSON: {exc}") from None
+        size = len(ours_json)
         if size > self._config.max_state_bytes:
             raise PayloadTooLargeError(
                 f"the state of {agent_id} is {size} bytes, over the limit of"
@@ -166,7 +168,9 @@ class StateStore:
             )
         if epoch is not None:
             await self._check_owner(agent_id, writer, epoch)
-        return await self._write(agent_id, dict(state), expected_version, policy, writer, epoch)
+        return await self._write(
+            agent_id, dict(state), ours_json, expected_version, policy, writer, epoch
+        )
 
     async def _check_owner(self, agent_id: AgentId, writer: str | None, epoch: int) -> None:
         placement = await self._placements.current(agent_id)
@@ -209,17 +213,20 @@ class StateStore:
         self,
         agent_id: AgentId,
         ours: dict[str, Any],
+        ours_json: bytes,
         expected: int | None,
         policy: ConflictPolicy,
         writer: str | None,
         epoch: int | None = None,
     ) -> StatePutReply:
+        """Save `ours` (`ours_json`: its canonical JSON) after `expected`, as `policy`
+        says when another version is there."""
         key = Subjects.agent_key(agent_id)
         known = self._known.get(key)
         if known is not None and expected == known[1] and epoch is None:
             # The common case: the writer expects what this process saw last.
             try:
-                return await self._store(key, agent_id, ours, writer, known, False)
+                return await self._store(key, agent_id, ours, ours_json, writer, known, False)
             except KeyWrongLastSequenceError:
                 self._known.pop(key, None)
         for _ in range(MAX_WRITE_ROUNDS):
@@ -230,16 +237,18 @@ class StateStore:
                 raise FencedError(
                     f"{agent_id} was written at epoch {saved.record.epoch}, after {epoch}"
                 )
-            state, merged = ours, False
+            state, state_json, merged = ours, ours_json, False
             if expected is not None and expected != current:
                 if policy == "reject":
                     raise self._conflict(agent_id, expected, current)
                 if policy == "merge":
                     state = await self._merged(agent_id, ours, saved, expected, current)
-                    merged = True
+                    state_json, merged = canonical_json(state), True
             position = (saved.revision, current) if saved else None
             try:
-                return await self._store(key, agent_id, state, writer, position, merged, epoch)
+                return await self._store(
+                    key, agent_id, state, state_json, writer, position, merged, epoch
+                )
             except KeyWrongLastSequenceError:
                 continue  # another write landed in between: judge again against it
         raise NoWorkerAvailableError(
@@ -275,15 +284,17 @@ class StateStore:
         key: str,
         agent_id: AgentId,
         state: dict[str, Any],
+        state_json: bytes,
         writer: str | None,
         position: tuple[int, int] | None,
         merged: bool,
         epoch: int | None = None,
     ) -> StatePutReply:
-        """Write the next version after `position` ((revision, version); None: absent)."""
+        """Write the next version after `position` ((revision, version); None: absent);
+        `state_json`: the state's canonical JSON."""
         version = position[1] + 1 if position else 1
         now = utcnow()
-        checksum = state_checksum(state)
+        checksum = checksum_of(state_json)
         data = orjson.dumps(
             {
                 "agent_type": agent_id.type,

@@ -134,3 +134,43 @@ async def test_requests_get_their_own_replies_and_no_responders_is_told(nats_url
             await nc.request("request.silent", b"", timeout=0.2)  # heard, never answered
     finally:
         await nc.close()
+
+
+class _Recorded:
+    """Stands in for a connection's outgoing buffer."""
+
+    def __init__(self) -> None:
+        self.commands: list[bytes] = []
+
+    async def __call__(self, command: bytes, priority: bool = False) -> None:
+        self.commands.append(bytes(command))
+
+
+async def _publish_command(
+    client: NATS, subject: str, reply: str, payload: bytes, headers: dict[str, str] | None
+) -> list[bytes]:
+    recorded = _Recorded()
+    client._send_command = recorded  # type: ignore[method-assign]
+    await client._send_publish(subject, reply, payload, len(payload), headers)
+    return recorded.commands
+
+
+async def test_publish_commands_are_byte_for_byte_nats_pys() -> None:
+    rng = random.Random(11)
+    names = ["Content-Type", " Mesh-Request-Id ", "", "  ", "X", "Nats-Msg-Id", "a.b", "ü"]
+    names += ["bad name", "bad:name", "tab\tname", "ok-" + "x" * 40]
+    values = ["application/json", " padded ", "line\r\nbreak", "", "é ü", "a\nb\rc", "x" * 300]
+    for _ in range(2000):
+        headers = None
+        if rng.random() < 0.8:
+            headers = {rng.choice(names): rng.choice(values) for _ in range(rng.randrange(5))}
+        subject = rng.choice(["a", "mesh.rpc.t.k", "ünï.code"])
+        reply = rng.choice(["", "_INBOX.x.y"])
+        payload = rng.randbytes(rng.choice([0, 3, 100]))
+        outcomes: list[object] = []
+        for client in (NATS(), Connection()):
+            try:
+                outcomes.append(await _publish_command(client, subject, reply, payload, headers))
+            except nats.errors.BadHeaderError as exc:
+                outcomes.append(("bad header", str(exc)))
+        assert outcomes[0] == outcomes[1], (headers, outcomes)
