@@ -1,25 +1,34 @@
 """The floor under the state service: a bare nats-py service doing one KV CAS per request.
 
-    python bench/bare_state_service.py
+    python bench/bare_state_service.py [--mesh-connections]
 
 32 writers send "key revision" requests to a process that does nothing but
 ``kv.update(key, value, last=revision)`` and answers the new revision, next to the
-same 32 writers calling ``kv.update`` directly. What the state service costs beyond
+same 32 writers calling ``kv.update`` directly. With ``--mesh-connections`` both
+sides use mesh's connections (`mesh._connect`) and its KV compare-and-set, as the
+state service and ``mesh bench`` do. What the state service costs beyond
 this is its own (versions, checksums, policies); the rest is what one more Python
 process between a writer and KV costs on this machine.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 
 import nats
 import uvloop
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
 
+from mesh._connect import Connection, connect
+from mesh._kv import compare_and_set
+from mesh.config import ConnectConfig
 from mesh.server import NatsServer
 
 VALUE = b'{"count": 1, "note": "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}'
@@ -28,36 +37,63 @@ PER_WRITER = 250
 TASKS: set[asyncio.Task[None]] = set()
 
 
-async def service(url: str) -> None:
-    nc = await nats.connect(url, name="bare-state-service")
-    kv = await nc.jetstream().create_key_value(bucket="bare", direct=True)
+async def _connect(url: str, name: str, mesh_connections: bool) -> NATS:
+    if mesh_connections:
+        return await connect(ConnectConfig(url=url), name=name)
+    return await nats.connect(url, name=name)
+
+
+Update = Callable[[str, int], Awaitable[int]]
+
+
+async def _updater(js: JetStreamContext, mesh_connections: bool) -> Update:
+    """``update(key, last)``: the compare-and-set of VALUE on the bucket."""
+    if mesh_connections:
+        return lambda key, last: compare_and_set(js, "bare", key, VALUE, last)
+    kv = await js.key_value("bare")
+    return lambda key, last: kv.update(key, VALUE, last=last)
+
+
+async def service(url: str, mesh_connections: bool) -> None:
+    nc = await _connect(url, "bare-state-service", mesh_connections)
+    js = nc.jetstream()
+    await js.create_key_value(bucket="bare", direct=True)
+    update = await _updater(js, mesh_connections)
 
     async def handle(msg: Msg) -> None:
         key, revision = msg.data.split(b" ")
-        new = await kv.update(key.decode(), VALUE, last=int(revision))
+        new = await update(key.decode(), int(revision))
         await msg.respond(str(new).encode())
 
-    async def receive(msg: Msg) -> None:
+    def receive(msg: Msg) -> None:
         task = asyncio.create_task(handle(msg))
         TASKS.add(task)
         task.add_done_callback(TASKS.discard)
 
-    await nc.subscribe("bare.put", cb=receive)
+    async def receive_queued(msg: Msg) -> None:
+        receive(msg)
+
+    if isinstance(nc, Connection):  # as mesh's services take their requests
+        await nc.subscribe_direct("bare.put", receive)
+    else:
+        await nc.subscribe("bare.put", cb=receive_queued)
     await nc.flush()
     print("ready", flush=True)
     await asyncio.Event().wait()
 
 
-async def measure() -> None:
+async def measure(mesh_connections: bool) -> None:
     with NatsServer() as server:
-        process = subprocess.Popen(  # noqa: ASYNC220 - starting it does not block
-            [sys.executable, __file__, server.url], stdout=subprocess.PIPE, text=True
-        )
+        command = [sys.executable, __file__, "--serve", server.url]
+        if mesh_connections:
+            command.append("--mesh-connections")
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)  # noqa: ASYNC220
         try:
             assert process.stdout is not None
             process.stdout.readline()
-            nc = await nats.connect(server.url)
+            nc = await _connect(server.url, "bare-state-writers", mesh_connections)
             kv = await nc.jetstream().key_value("bare")
+            update = await _updater(nc.jetstream(), mesh_connections)
 
             async def through_service(w: int) -> None:
                 revision = await kv.put(f"s{w}", VALUE)
@@ -68,7 +104,7 @@ async def measure() -> None:
             async def direct(w: int) -> None:
                 revision = await kv.put(f"d{w}", VALUE)
                 for _ in range(PER_WRITER):
-                    revision = await kv.update(f"d{w}", VALUE, last=revision)
+                    revision = await update(f"d{w}", revision)
 
             rates = {}
             for name, writer in (("direct", direct), ("bare service", through_service)):
@@ -87,7 +123,11 @@ async def measure() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        uvloop.run(service(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--mesh-connections", action="store_true")
+    args = parser.parse_args()
+    if args.serve:
+        uvloop.run(service(args.serve, args.mesh_connections))
     else:
-        uvloop.run(measure())
+        uvloop.run(measure(args.mesh_connections))
