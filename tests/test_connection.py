@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
 
 import nats.errors
 import pytest
@@ -43,53 +44,49 @@ def test_random_header_blocks_parse_as_nats_py_parses_them() -> None:
         assert Connection._parse_header_lines(raw) == NATS._parse_header_lines(raw), raw
 
 
-async def test_headers_cross_a_real_server_intact(nats_url: str) -> None:
-    nc = await connect(ConnectConfig(url=nats_url), name="header-check")
-    try:
-        assert isinstance(nc, Connection)
-        subscription = await nc.subscribe("header.check")
-        sent = {"Content-Type": "application/json", "Mesh-Sender": "a/b", "X": "é ü"}
-        await nc.publish("header.check", b"{}", headers=sent)
-        msg = await subscription.next_msg(timeout=5)
-        assert msg.headers == sent
-    finally:
-        await nc.close()
-
-
-async def test_a_direct_subscription_sees_what_a_queued_one_sees(nats_url: str) -> None:
-    nc = await connect(ConnectConfig(url=nats_url), name="direct-check")
+@pytest.fixture
+async def mesh_nc(nats_url: str) -> AsyncIterator[Connection]:
+    nc = await connect(ConnectConfig(url=nats_url), name="connection-check")
     assert isinstance(nc, Connection)
+    yield nc
+    await nc.close()
+
+
+async def test_headers_cross_a_real_server_intact(mesh_nc: Connection) -> None:
+    subscription = await mesh_nc.subscribe("header.check")
+    sent = {"Content-Type": "application/json", "Mesh-Sender": "a/b", "X": "é ü"}
+    await mesh_nc.publish("header.check", b"{}", headers=sent)
+    msg = await subscription.next_msg(timeout=5)
+    assert msg.headers == sent
+
+
+async def test_a_direct_subscription_sees_what_a_queued_one_sees(mesh_nc: Connection) -> None:
     direct: list[Msg] = []
-    try:
-        await nc.subscribe_direct("direct.>", direct.append)
-        queued = await nc.subscribe("direct.>")
-        sent = [
-            ("direct.a", b"one", None, ""),
-            ("direct.b", b"", {"Content-Type": "application/json", "X": "é"}, "reply.to"),
-            ("direct.c", b"x" * 70_000, {"K": "v"}, ""),  # more than one read
-        ]
-        for subject, data, headers, reply in sent:
-            await nc.publish(subject, data, headers=headers, reply=reply)
-        expected = [await queued.next_msg(timeout=5) for _ in sent]
-        await eventually(lambda: len(direct) == len(sent), timeout=5)
-        for got, want in zip(direct, expected, strict=True):
-            assert (got.subject, got.reply, got.data, got.headers) == (
-                want.subject,
-                want.reply,
-                want.data,
-                want.headers,
-            )
-        # A status message (no responders) carries the status as nats-py reads it.
-        await nc.publish("nobody.listens", b"", reply="direct.status")
-        await eventually(lambda: len(direct) == 4, timeout=5)
-        assert direct[3].headers is not None and direct[3].headers["Status"] == "503"
-    finally:
-        await nc.close()
+    await mesh_nc.subscribe_direct("direct.>", direct.append)
+    queued = await mesh_nc.subscribe("direct.>")
+    sent = [
+        ("direct.a", b"one", None, ""),
+        ("direct.b", b"", {"Content-Type": "application/json", "X": "é"}, "reply.to"),
+        ("direct.c", b"x" * 70_000, {"K": "v"}, ""),  # more than one read
+    ]
+    for subject, data, headers, reply in sent:
+        await mesh_nc.publish(subject, data, headers=headers, reply=reply)
+    expected = [await queued.next_msg(timeout=5) for _ in sent]
+    await eventually(lambda: len(direct) == len(sent), timeout=5)
+    for got, want in zip(direct, expected, strict=True):
+        assert (got.subject, got.reply, got.data, got.headers) == (
+            want.subject,
+            want.reply,
+            want.data,
+            want.headers,
+        )
+    # A status message (no responders) carries the status as nats-py reads it.
+    await mesh_nc.publish("nobody.listens", b"", reply="direct.status")
+    await eventually(lambda: len(direct) == 4, timeout=5)
+    assert direct[3].headers is not None and direct[3].headers["Status"] == "503"
 
 
-async def test_a_failing_direct_handler_leaves_the_connection_reading(nats_url: str) -> None:
-    nc = await connect(ConnectConfig(url=nats_url), name="direct-failing")
-    assert isinstance(nc, Connection)
+async def test_a_failing_direct_handler_leaves_the_connection_reading(mesh_nc: Connection) -> None:
     seen: list[bytes] = []
 
     def fail_on_bad(msg: Msg) -> None:
@@ -97,43 +94,37 @@ async def test_a_failing_direct_handler_leaves_the_connection_reading(nats_url: 
         if msg.data == b"bad":
             raise ValueError("handler bug")
 
-    try:
-        subscription = await nc.subscribe_direct("direct.fail", fail_on_bad)
-        for data in (b"bad", b"good"):
-            await nc.publish("direct.fail", data)
-        await eventually(lambda: seen == [b"bad", b"good"], timeout=5)
-        # Unsubscribed, the handler hears nothing more (a flush orders the two).
-        await subscription.unsubscribe()
-        await nc.publish("direct.fail", b"late")
-        await nc.flush()
-        reply = await nc.request("$JS.API.INFO", b"", timeout=5)  # a round trip past it
-        assert reply.data and seen == [b"bad", b"good"]
-        assert nc.is_connected
-    finally:
-        await nc.close()
+    subscription = await mesh_nc.subscribe_direct("direct.fail", fail_on_bad)
+    for data in (b"bad", b"good"):
+        await mesh_nc.publish("direct.fail", data)
+    await eventually(lambda: seen == [b"bad", b"good"], timeout=5)
+    # Unsubscribed, the handler hears nothing more (a flush orders the two).
+    await subscription.unsubscribe()
+    await mesh_nc.publish("direct.fail", b"late")
+    await mesh_nc.flush()
+    reply = await mesh_nc.request("$JS.API.INFO", b"", timeout=5)  # a round trip past it
+    assert reply.data and seen == [b"bad", b"good"]
+    assert mesh_nc.is_connected
 
 
-async def test_requests_get_their_own_replies_and_no_responders_is_told(nats_url: str) -> None:
-    nc = await connect(ConnectConfig(url=nats_url), name="request-check")
-    assert isinstance(nc, Connection)
+async def test_requests_get_their_own_replies_or_a_clear_error(
+    mesh_nc: Connection,
+) -> None:
 
     async def echo(msg: Msg) -> None:
         await asyncio.sleep(0.001 * (int(msg.data) % 5))  # replies out of request order
         await msg.respond(msg.data)
 
-    try:
-        await nc.subscribe("request.echo", cb=echo)
-        await nc.subscribe("request.silent")
-        replies = await asyncio.gather(
-            *(nc.request("request.echo", str(n).encode(), timeout=5) for n in range(200))
-        )
-        assert [reply.data for reply in replies] == [str(n).encode() for n in range(200)]
-        with pytest.raises(NoRespondersError):
-            await nc.request("request.nobody", b"", timeout=5)
-        with pytest.raises(nats.errors.TimeoutError):
-            await nc.request("request.silent", b"", timeout=0.2)  # heard, never answered
-    finally:
-        await nc.close()
+    await mesh_nc.subscribe("request.echo", cb=echo)
+    await mesh_nc.subscribe("request.silent")
+    replies = await asyncio.gather(
+        *(mesh_nc.request("request.echo", str(n).encode(), timeout=5) for n in range(200))
+    )
+    assert [reply.data for reply in replies] == [str(n).encode() for n in range(200)]
+    with pytest.raises(NoRespondersError):
+        await mesh_nc.request("request.nobody", b"", timeout=5)
+    with pytest.raises(nats.errors.TimeoutError):
+        await mesh_nc.request("request.silent", b"", timeout=0.2)  # heard, never answered
 
 
 class _Recorded:

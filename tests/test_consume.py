@@ -107,18 +107,28 @@ async def test_unpin_hands_the_events_to_the_standby(
         await standby.stop()
 
 
-async def test_delivery_of_reads_sequence_and_count_as_nats_py_does(
-    nc: NATS, pinned_stream: tuple[str, str]
-) -> None:
-    stream, subject = pinned_stream
+def _keeping(nc: NATS, stream: str) -> tuple[PullConsumer, list[Msg]]:
+    """A started pull consumer, and the list it keeps what it receives in."""
     messages: list[Msg] = []
     consumer = PullConsumer(
         nc, stream, "pinned", messages.append, lambda: 100, lambda: None, group=GROUP
     )
     consumer.start()
+    return consumer, messages
+
+
+async def _publish_three(nc: NATS, subject: str) -> None:
+    for n in range(3):
+        await nc.jetstream().publish(f"{subject}.a", str(n).encode())
+
+
+async def test_delivery_of_reads_sequence_and_count_as_nats_py_does(
+    nc: NATS, pinned_stream: tuple[str, str]
+) -> None:
+    stream, subject = pinned_stream
+    consumer, messages = _keeping(nc, stream)
     try:
-        for n in range(3):
-            await nc.jetstream().publish(f"{subject}.a", str(n).encode())
+        await _publish_three(nc, subject)
         await eventually(lambda: len(messages) == 3, timeout=10)
         await messages[1].nak()  # comes back, counted twice
         await eventually(lambda: len(messages) == 4, timeout=10)
@@ -145,14 +155,9 @@ async def test_ack_on_a_mesh_connection_settles_the_delivery_once(
 ) -> None:
     stream, subject = pinned_stream
     mesh_nc = await connect(ConnectConfig(url=nats_url), name="ack-check")
-    messages: list[Msg] = []
-    consumer = PullConsumer(
-        mesh_nc, stream, "pinned", messages.append, lambda: 100, lambda: None, group=GROUP
-    )
-    consumer.start()
+    consumer, messages = _keeping(mesh_nc, stream)
     try:
-        for n in range(3):
-            await nc.jetstream().publish(f"{subject}.a", str(n).encode())
+        await _publish_three(nc, subject)
         await eventually(lambda: len(messages) == 3, timeout=10)
         for msg in messages:
             await ack(msg)
