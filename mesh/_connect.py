@@ -86,8 +86,16 @@ class Connection(NATS):
         closing the connection) ends the calls; it survives reconnects as any
         subscription does.
         """
-        subscription = await self.subscribe(subject, queue)
-        self._direct[subscription._id] = handler
+        # nats-py numbers the subscription before it first waits: the handler is in
+        # place before any message for it can be read.
+        sid = self._sid + 1
+        self._direct[sid] = handler
+        try:
+            subscription = await self.subscribe(subject, queue)
+        except BaseException:
+            self._direct.pop(sid, None)
+            raise
+        assert subscription._id == sid
         return subscription
 
     async def _send_publish(
@@ -129,8 +137,8 @@ class Connection(NATS):
         """Publish `payload` without headers to `reply`, a subject the server handed us
         (a JetStream acknowledgement's, a request's reply): what `publish` does, without
         the checks a subject from elsewhere needs. Disconnected, it is `publish`."""
-        if not self.is_connected or len(payload) > self._max_payload:
-            await self.publish(reply, payload)
+        if not self.is_connected or self.is_draining_pubs or len(payload) > self._max_payload:
+            await self.publish(reply, payload)  # which buffers, or says why it cannot
             return
         command = b"PUB %b %d\r\n%b\r\n" % (reply.encode(), len(payload), payload)
         self._pending.append(command)
@@ -161,24 +169,33 @@ class Connection(NATS):
         token = f"{self._requests_made:x}"
         future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._resp_map[token] = future
-        if self._deadlines is None:
-            self._deadlines = DeadlineWheel()
-        deadline = self._deadlines.scope(timeout)
         try:
             await self.publish(subject, payload, reply=self._reply_prefix + token, headers=headers)
-            with deadline:
+            if timeout is None:  # as nats-py: no limit
                 return await future
-        except TimeoutError:
-            if deadline.expired:
-                raise nats.errors.TimeoutError from None
-            raise
+            if self._deadlines is None:
+                self._deadlines = DeadlineWheel()
+            deadline = self._deadlines.scope(timeout)
+            try:
+                with deadline:
+                    return await future
+            except TimeoutError:
+                if deadline.expired:
+                    raise nats.errors.TimeoutError from None
+                raise
         finally:
             self._resp_map.pop(token, None)
 
-    async def close(self) -> None:
-        await super().close()
+    async def _close(self, status: int, do_cbs: bool = True) -> None:
+        await super()._close(status, do_cbs)
+        # Requests still waiting get no answer now: they fail at once rather than wait
+        # for their deadline (whose timers go with the connection).
+        for future in list(self._resp_map.values()):
+            if not future.done():
+                future.set_exception(nats.errors.ConnectionClosedError())
         if self._deadlines is not None:
             self._deadlines.close()
+        self._direct.clear()
 
     async def _init_request_sub(self) -> None:
         # nats-py's reply inbox (one wildcard subscription for every request's reply),
@@ -208,6 +225,12 @@ class Connection(NATS):
         if handler is None:
             await super()._process_msg(sid, subject, reply, data, headers)
             return
+        subscription = self._subs.get(sid)
+        if subscription is None:
+            return  # unsubscribed meanwhile
+        subscription._received += 1
+        if 0 < subscription._max_msgs <= subscription._received:
+            self._remove_sub(sid)  # `unsubscribe(limit=N)`: that was the last one
         stats = self.stats
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(data)

@@ -67,8 +67,8 @@ async def ack(msg: Msg) -> None:
     """``msg.ack()``: on a mesh connection, written straight to its outgoing buffer."""
     nc = msg._client
     if isinstance(nc, Connection) and msg.reply and not msg._ackd:
-        msg._ackd = True
         await nc.publish_reply(msg.reply)
+        msg._ackd = True
     else:
         await msg.ack()
 

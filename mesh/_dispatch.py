@@ -384,7 +384,7 @@ class EventDispatcher:
                 topic = self._subjects.parse_events(subject)
                 route = _Route(topic, str(topic), AgentId(self.agent_type, topic.source))
             except InvalidIdError as exc:
-                route = exc.with_traceback(None)  # dead-lettered in its lane
+                route = InvalidIdError(exc.message)  # dead-lettered in its lane
             self._routes[subject] = route
         return route
 

@@ -156,8 +156,9 @@ class StateStore:
             PayloadTooLargeError: The state is over the configured limit.
             BadRequestError: The state is not JSON.
         """
+        ours = dict(state)  # what is written is the state as it is now
         try:
-            ours_json = canonical_json(state)
+            ours_json = canonical_json(ours)
         except TypeError as exc:
             raise BadRequestError(f"the state of {agent_id} is not JSON: {exc}") from None
         size = len(ours_json)
@@ -168,9 +169,7 @@ class StateStore:
             )
         if epoch is not None:
             await self._check_owner(agent_id, writer, epoch)
-        return await self._write(
-            agent_id, dict(state), ours_json, expected_version, policy, writer, epoch
-        )
+        return await self._write(agent_id, ours, ours_json, expected_version, policy, writer, epoch)
 
     async def _check_owner(self, agent_id: AgentId, writer: str | None, epoch: int) -> None:
         placement = await self._placements.current(agent_id)
@@ -300,7 +299,7 @@ class StateStore:
                 "agent_type": agent_id.type,
                 "key": agent_id.key,
                 "version": version,
-                "state": state,
+                "state": orjson.Fragment(state_json),  # the very bytes the checksum covers
                 "checksum": checksum,
                 "updated_at": now,
                 "writer": writer,

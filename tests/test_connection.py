@@ -165,3 +165,29 @@ async def test_publish_commands_are_byte_for_byte_nats_pys() -> None:
             except nats.errors.BadHeaderError as exc:
                 outcomes.append(("bad header", str(exc)))
         assert outcomes[0] == outcomes[1], (headers, outcomes)
+
+
+async def test_a_request_waiting_when_the_connection_closes_fails_at_once(
+    nats_url: str,
+) -> None:
+    nc = await connect(ConnectConfig(url=nats_url), name="closing")
+    await nc.subscribe("request.silent")  # heard, never answered
+    waiting = asyncio.create_task(nc.request("request.silent", b"", timeout=30))
+    unlimited = asyncio.create_task(nc.request("request.silent", b"", timeout=None))
+    await nc.flush()
+    await nc.close()
+    async with asyncio.timeout(5):
+        for request in (waiting, unlimited):
+            with pytest.raises(nats.errors.ConnectionClosedError):
+                await request
+
+
+async def test_a_direct_subscription_with_a_limit_ends_after_it(mesh_nc: Connection) -> None:
+    seen: list[bytes] = []
+    subscription = await mesh_nc.subscribe_direct("direct.limited", lambda m: seen.append(m.data))
+    await subscription.unsubscribe(limit=2)
+    for n in range(4):
+        await mesh_nc.publish("direct.limited", str(n).encode())
+    await mesh_nc.flush()
+    await mesh_nc.request("$JS.API.INFO", b"", timeout=5)  # a round trip past them
+    assert seen == [b"0", b"1"] and subscription.delivered == 2
