@@ -26,7 +26,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
-from mesh._connect import Connection, connect
+from mesh._connect import connect
+from mesh._connection import Connection
 from mesh._kv import compare_and_set
 from mesh.config import ConnectConfig
 from mesh.server import NatsServer

@@ -31,7 +31,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from mesh._connect import Connection
+from mesh._connection import Connection
 
 logger = logging.getLogger(__name__)
 

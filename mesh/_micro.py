@@ -35,7 +35,7 @@ from nats.micro.service import (
     ServiceStats,
 )
 
-from mesh._connect import Connection
+from mesh._connection import Connection
 from mesh._retry import JETSTREAM_UNAVAILABLE
 from mesh._wire import error_reply
 from mesh.errors import MeshError, NoWorkerAvailableError, PayloadTooLargeError

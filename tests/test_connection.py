@@ -12,7 +12,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 
-from mesh._connect import Connection, connect
+from mesh._connect import connect
+from mesh._connection import Connection
 from mesh.config import ConnectConfig
 from mesh.testing import eventually
 
