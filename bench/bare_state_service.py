@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
 from mesh._connect import connect
-from mesh._connection import Connection
+from mesh._connection import subscribe_calling
 from mesh._kv import compare_and_set
 from mesh.config import ConnectConfig
 from mesh.server import NatsServer
@@ -71,13 +71,7 @@ async def service(url: str, mesh_connections: bool) -> None:
         TASKS.add(task)
         task.add_done_callback(TASKS.discard)
 
-    async def receive_queued(msg: Msg) -> None:
-        receive(msg)
-
-    if isinstance(nc, Connection):  # as mesh's services take their requests
-        await nc.subscribe_direct("bare.put", receive)
-    else:
-        await nc.subscribe("bare.put", cb=receive_queued)
+    await subscribe_calling(nc, "bare.put", receive)  # as mesh's services take requests
     await nc.flush()
     print("ready", flush=True)
     await asyncio.Event().wait()

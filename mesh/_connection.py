@@ -144,16 +144,7 @@ class Connection(NATS):
         if not self.is_connected or self.is_draining_pubs or len(payload) > self._max_payload:
             await self.publish(reply, payload)  # which buffers, or says why it cannot
             return
-        command = b"PUB %b %d\r\n%b\r\n" % (reply.encode(), len(payload), payload)
-        self._pending.append(command)
-        self._pending_data_size += len(command)
-        stats = self.stats
-        stats["out_msgs"] += 1
-        stats["out_bytes"] += len(payload)
-        if self._pending_data_size > self._max_pending_size > 0:
-            await self._flush_pending(force_flush=True)
-        elif self._flush_queue is not None and self._flush_queue.empty():
-            await self._flush_pending()
+        await self._send_publish(reply, "", payload, len(payload), None)
 
     async def _request_new_style(
         self,
@@ -264,3 +255,18 @@ class Connection(NATS):
             if _WHITESPACE.search(key) is None:
                 headers[key] = value.strip().decode("utf-8", "replace")
         return headers
+
+
+async def subscribe_calling(
+    nc: NATS, subject: str, handler: DirectHandler, queue: str = "", **options: Any
+) -> Subscription:
+    """Subscribe `subject`, calling `handler` with each message: straight from the read
+    loop on a mesh `Connection`, through nats-py's queue and task on any other client
+    (`options` go to its ``subscribe``)."""
+    if isinstance(nc, Connection):
+        return await nc.subscribe_direct(subject, handler, queue)
+
+    async def call(msg: Msg) -> None:
+        handler(msg)
+
+    return await nc.subscribe(subject, queue=queue, cb=call, **options)

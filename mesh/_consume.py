@@ -31,7 +31,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from mesh._connection import Connection
+from mesh._connection import Connection, subscribe_calling
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,9 @@ class PullConsumer:
         try:
             while subscription is None and not self._stopping:
                 try:
-                    subscription = await self._subscribe(inbox)
+                    subscription = await subscribe_calling(
+                        self._nc, inbox, self._receive, pending_msgs_limit=1_000_000
+                    )
                 except Exception as exc:  # reconnecting: try again shortly
                     logger.info("subscribing for %s failed: %s", self._next_subject, exc)
                     await asyncio.sleep(min(1.0, self._heartbeat))
@@ -184,15 +186,6 @@ class PullConsumer:
             if subscription is not None:
                 with contextlib.suppress(Exception):
                     await subscription.unsubscribe()
-
-    async def _subscribe(self, inbox: str) -> Subscription:
-        if isinstance(self._nc, Connection):  # straight from the read loop
-            return await self._nc.subscribe_direct(inbox, self._receive)
-
-        async def receive(msg: Msg) -> None:
-            self._receive(msg)
-
-        return await self._nc.subscribe(inbox, cb=receive, pending_msgs_limit=1_000_000)
 
     async def _request(self, inbox: str, count: int) -> None:
         request: dict[str, object] = {

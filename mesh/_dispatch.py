@@ -429,7 +429,7 @@ class EventDispatcher:
             else:  # no subscription (any more) wants it
                 self._settled(event)
                 with contextlib.suppress(Exception):
-                    await event.msg.ack()
+                    await ack(event.msg)
         if waiting:
             self._look.set()
 

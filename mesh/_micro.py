@@ -35,7 +35,7 @@ from nats.micro.service import (
     ServiceStats,
 )
 
-from mesh._connection import Connection
+from mesh._connection import subscribe_calling
 from mesh._retry import JETSTREAM_UNAVAILABLE
 from mesh._wire import error_reply
 from mesh.errors import MeshError, NoWorkerAvailableError, PayloadTooLargeError
@@ -79,15 +79,9 @@ class _Endpoint:
         self.last_error = ""
 
     async def start(self) -> None:
-        nc, queue = self.service.nc, self.queue_group or ""
-        if isinstance(nc, Connection):  # each request handed over as it is read
-            self.subscription = await nc.subscribe_direct(self.subject, self._dispatch, queue)
-            return
-
-        async def dispatch(msg: Msg) -> None:
-            self._dispatch(msg)
-
-        self.subscription = await nc.subscribe(self.subject, queue=queue, cb=dispatch)
+        self.subscription = await subscribe_calling(
+            self.service.nc, self.subject, self._dispatch, self.queue_group or ""
+        )
 
     def _dispatch(self, msg: Msg) -> None:
         limit = self.service.max_payload

@@ -65,7 +65,7 @@ class FastParser(Parser):
                     if op == _HMSG and len(args) in (5, 6):
                         headers_size, total = _sizes(args[-2], args[-1])
                     elif op == _MSG and len(args) in (4, 5):
-                        headers_size, total = 0, _sizes(b"0", args[-1])[1]
+                        headers_size, total = _sizes(b"0", args[-1])
                     else:
                         raise ProtocolError("nats: malformed MSG")
                     try:
