@@ -62,6 +62,23 @@ def encode_headers(headers: dict[str, Any]) -> bytes:
     return b"".join(lines)
 
 
+def _publish_command(
+    subject: str, reply: str, payload: bytes, headers: dict[str, Any] | None
+) -> bytes:
+    """The ``PUB`` (or, with headers, ``HPUB``) command that publishes `payload`."""
+    if headers is None:
+        return b"PUB %b %b %d\r\n%b\r\n" % (subject.encode(), reply.encode(), len(payload), payload)
+    block = encode_headers(headers)
+    return b"HPUB %b %b %d %d\r\n%b%b\r\n" % (
+        subject.encode(),
+        reply.encode(),
+        len(block),
+        len(block) + len(payload),
+        block,
+        payload,
+    )
+
+
 #: Called on the connection's read loop with each message of a direct subscription.
 DirectHandler = Callable[[Msg], None]
 _PLAIN_HEADER_START = b"NATS/1.0\r\n"
@@ -113,29 +130,40 @@ class Connection(NATS):
         # nats-py's, with the header block encoded as `encode_headers` does it.
         if subject == "":
             raise nats.errors.BadSubjectError
-        if headers is None:
-            command = b"PUB %b %b %d\r\n%b\r\n" % (
-                subject.encode(),
-                reply.encode(),
-                payload_size,
-                payload,
-            )
-        else:
-            block = encode_headers(headers)
-            command = b"HPUB %b %b %d %d\r\n%b%b\r\n" % (
-                subject.encode(),
-                reply.encode(),
-                len(block),
-                len(block) + payload_size,
-                block,
-                payload,
-            )
+        command = _publish_command(subject, reply, payload, headers)
         stats = self.stats
         stats["out_msgs"] += 1
         stats["out_bytes"] += payload_size
         await self._send_command(command)
         if self._flush_queue is not None and self._flush_queue.empty():
             await self._flush_pending()
+
+    def publish_nowait(
+        self, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None
+    ) -> bool:
+        """Publish without waiting, for code that cannot (a direct handler): the message
+        joins the outgoing buffer and the flusher is woken, as `publish` does while
+        connected. ``False``, and nothing sent, when the connection is not connected or
+        is draining, or `payload` is over the server's limit: `publish` says why, or
+        buffers the message until a reconnect."""
+        queue = self._flush_queue
+        if (
+            not self.is_connected
+            or self.is_draining_pubs
+            or queue is None
+            or len(payload) > self._max_payload
+            or not subject
+        ):
+            return False
+        command = _publish_command(subject, reply, payload, headers)
+        stats = self.stats
+        stats["out_msgs"] += 1
+        stats["out_bytes"] += len(payload)
+        self._pending.append(command)
+        self._pending_data_size += len(command)
+        if queue.empty():
+            queue.put_nowait(asyncio.get_running_loop().create_future())  # the flusher's wake-up
+        return True
 
     async def publish_reply(self, reply: str, payload: bytes = b"") -> None:
         """Publish `payload` without headers to `reply`, a subject the server handed us

@@ -49,10 +49,20 @@ async def control_request(
         PayloadTooLargeError: The body is over the connection's message limit.
         DeadlineExceededError: No answer within `timeout`.
     """
+    data = await json_request(nc, subject, encode(body), timeout=timeout)
+    if reply_type is None:
+        return None
+    return decode(data, reply_type)
+
+
+async def json_request(nc: NATS, subject: str, payload: bytes, *, timeout: float) -> bytes:
+    """Request `subject` with a JSON `payload`; the body of its successful reply.
+
+    Raises:
+        As `control_request`.
+    """
     try:
-        reply = await nc.request(
-            subject, encode(body), timeout=timeout, headers={CONTENT_TYPE: JSON}
-        )
+        reply = await nc.request(subject, payload, timeout=timeout, headers={CONTENT_TYPE: JSON})
     except NoRespondersError:
         raise NoWorkerAvailableError(f"no service answers on {subject}") from None
     except MaxPayloadError as exc:
@@ -62,6 +72,4 @@ async def control_request(
     error = error_from_reply(reply.data, reply.headers)
     if error is not None:
         raise error
-    if reply_type is None:
-        return None
-    return decode(reply.data, reply_type)
+    return reply.data

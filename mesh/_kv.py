@@ -11,7 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import orjson
-from nats.errors import NoRespondersError
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import ConnectionClosedError, NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.client import JetStreamContext
 from nats.js.errors import (
@@ -23,6 +26,8 @@ from nats.js.errors import (
 )
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from mesh._connection import Connection
+from mesh._deadlines import TICK
 from mesh._retry import while_unavailable
 from mesh.subjects import Subjects
 
@@ -134,13 +139,125 @@ async def compare_and_set(
         )
     except NoRespondersError:
         raise NoStreamResponseError from None
-    answer = orjson.loads(reply.data)
+    return _stored_revision(reply.data)
+
+
+def _stored_revision(acknowledgement: bytes) -> int:
+    """The revision a JetStream acknowledgement of a compare-and-set gives.
+
+    Raises:
+        KeyWrongLastSequenceError: The key was at another revision.
+        APIError: Any other error the server answered.
+    """
+    answer = orjson.loads(acknowledgement)
     error = answer.get("error")
     if error is not None:
         if error.get("err_code") in (10071, 10164):
             raise KeyWrongLastSequenceError(description=error.get("description"))
         raise APIError.from_error(error)
     return int(answer["seq"])
+
+
+#: What becomes of a `CasWrites` write: the key's new revision, or why it failed.
+Outcome = Callable[[int | Exception], None]
+
+
+class CasWrites:
+    """Compare-and-set writes whose outcomes are handed to a callback on the read loop:
+    no task, future or coroutine per write, for a service that makes many at once.
+
+    Every write started gets exactly one outcome: the key's new revision, or
+    `KeyWrongLastSequenceError` (the key was at another revision), or another error:
+    `NoStreamResponseError`, `APIError`, ``nats.errors.TimeoutError`` (no
+    acknowledgement within `timeout`, noticed up to one 50 ms tick late; the write may
+    still have been stored) or ``ConnectionClosedError`` (closed first; likewise).
+
+    Args:
+        nc: A mesh connection.
+        timeout: Seconds to wait for each acknowledgement.
+    """
+
+    def __init__(self, nc: Connection, timeout: float = 5.0) -> None:
+        self._nc = nc
+        self._timeout = timeout
+        self._prefix = ""
+        self._subscription: Subscription | None = None
+        self._written = 0
+        self._waiting: dict[str, Outcome] = {}
+        # Deadlines by tick: the tokens written in it, and the one timer that expires them.
+        self._deadlines: dict[int, list[str]] = {}
+        self._timers: dict[int, asyncio.TimerHandle] = {}
+        self._loop = asyncio.get_event_loop()
+
+    async def start(self) -> None:
+        """Subscribe the inbox acknowledgements come back to."""
+        if self._subscription is None:
+            self._loop = asyncio.get_running_loop()
+            self._prefix = f"{self._nc._inbox_prefix.decode()}.{self._nc._nuid.next().decode()}."
+            self._subscription = await self._nc.subscribe_direct(
+                self._prefix + "*", self._acknowledged
+            )
+
+    def write(self, bucket: str, key: str, value: bytes, last: int, outcome: Outcome) -> bool:
+        """Store `value` under `key` if its revision is still `last`; `outcome` is called
+        with what became of it. ``False``, and no call, when it cannot be sent now
+        (not started, or the connection is not connected: see
+        `Connection.publish_nowait`)."""
+        if self._subscription is None:
+            return False
+        self._written += 1
+        token = f"{self._written:x}"
+        if not self._nc.publish_nowait(
+            Subjects.kv_subject(bucket, key),
+            value,
+            self._prefix + token,
+            {EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)},
+        ):
+            return False
+        self._waiting[token] = outcome
+        loop = self._loop
+        tick = math.ceil((loop.time() + self._timeout) / TICK)
+        tokens = self._deadlines.get(tick)
+        if tokens is None:
+            tokens = self._deadlines[tick] = []
+            self._timers[tick] = loop.call_at(tick * TICK, self._expire, tick)
+        tokens.append(token)
+        return True
+
+    def _acknowledged(self, msg: Msg) -> None:
+        outcome = self._waiting.pop(msg.subject.rpartition(".")[2], None)
+        if outcome is None:
+            return  # too late: its outcome was a timeout
+        if not msg.data:  # a status: 503, no stream takes the subject
+            outcome(NoStreamResponseError())
+            return
+        try:
+            revision = _stored_revision(msg.data)
+        except Exception as exc:
+            outcome(exc)
+            return
+        outcome(revision)
+
+    def _expire(self, tick: int) -> None:
+        self._timers.pop(tick, None)
+        for token in self._deadlines.pop(tick, ()):
+            outcome = self._waiting.pop(token, None)
+            if outcome is not None:
+                outcome(NatsTimeoutError())
+
+    async def close(self) -> None:
+        """Stop: writes still waiting get ``ConnectionClosedError`` now."""
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._deadlines.clear()
+        waiting, self._waiting = self._waiting, {}
+        for outcome in waiting.values():
+            outcome(ConnectionClosedError())
 
 
 @dataclass(frozen=True, slots=True)

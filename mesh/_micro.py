@@ -50,6 +50,19 @@ SRV_PREFIX = "$SRV"
 DRAIN_SUBSCRIPTION_TIMEOUT = 5.0
 
 
+def answer_for(exc: Exception, where: str) -> MeshError:
+    """The error a caller gets for `exc`, raised while serving `where`: a `MeshError` as
+    it is, JetStream unavailable (a leader election, a lost quorum) as 503 the caller
+    may retry, anything else as an internal error (logged with its traceback)."""
+    if isinstance(exc, MeshError):
+        return exc
+    if isinstance(exc, JETSTREAM_UNAVAILABLE):
+        logger.warning("%s: JetStream unavailable: %r", where, exc)
+        return NoWorkerAvailableError(f"JetStream is unavailable right now: {exc!r}")
+    logger.error("%s failed", where, exc_info=exc)
+    return MeshError(f"internal error in {where.partition('.')[0]}: {exc!r}")
+
+
 class _Endpoint:
     """One endpoint: a subscription, its in-flight tasks and its counters."""
 
@@ -123,19 +136,8 @@ class _Endpoint:
                 body, headers = error_reply(shutting_down, msg.headers)
                 await self._respond(msg, body, headers)
                 raise
-            except JETSTREAM_UNAVAILABLE as exc:
-                # A leader election, a lost quorum: say so, and let the caller retry.
-                logger.warning(
-                    "endpoint %s.%s: JetStream unavailable: %r", self.service.name, self.name, exc
-                )
-                error: MeshError = NoWorkerAvailableError(
-                    f"JetStream is unavailable right now: {exc!r}"
-                )
-                self._count_error(error)
-                body, headers = error_reply(error, msg.headers)
             except Exception as exc:
-                logger.exception("endpoint %s.%s failed", self.service.name, self.name)
-                error = MeshError(f"internal error in {self.service.name}: {exc!r}")
+                error = answer_for(exc, f"{self.service.name}.{self.name}")
                 self._count_error(error)
                 body, headers = error_reply(error, msg.headers)
             await self._respond(msg, body, headers)

@@ -15,6 +15,11 @@ the saved one is resolved by its conflict policy:
 
 Reads verify the checksum and refuse corrupt state with `StateCorruptError`.
 
+`StateStore.put_many` saves many puts at once (the state service's way): a put that
+expects the version this process saw last goes straight to KV as a `CasWrites` write,
+its outcome handled as it comes back, with no task or future of its own; any other
+put, and one whose write comes back without success, goes the way `put` goes.
+
 A write that gets no acknowledgement (a stream leader change) is tried again until
 `StateConfig.write_timeout`. If the retry finds the key moved on, the write may have
 landed after all: it did if the key's history holds its exact bytes, and then it
@@ -25,10 +30,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +52,8 @@ from mesh._conflicts import (
     merge_states,
     state_checksum,
 )
-from mesh._kv import BucketConfig, compare_and_set, ensure_bucket
+from mesh._connection import Connection
+from mesh._kv import BucketConfig, CasWrites, compare_and_set, ensure_bucket
 from mesh._placement import PlacementTable
 from mesh._retry import JETSTREAM_UNAVAILABLE
 from mesh.config import StateConfig
@@ -54,6 +61,7 @@ from mesh.errors import (
     BadRequestError,
     ConflictError,
     FencedError,
+    MeshError,
     NoWorkerAvailableError,
     PayloadTooLargeError,
     StateCorruptError,
@@ -61,7 +69,7 @@ from mesh.errors import (
 )
 from mesh.ids import AgentId
 from mesh.records import utcnow
-from mesh.state import StatePutReply, StateRecord, StateVersion
+from mesh.state import StatePutReply, StatePutRequest, StateRecord, StateVersion
 from mesh.subjects import Subjects
 
 logger = logging.getLogger(__name__)
@@ -76,6 +84,21 @@ def state_bucket(subjects: Subjects, history: int) -> BucketConfig:
     return BucketConfig(
         name=subjects.bucket("state"), description="mesh agent state", history=history
     )
+
+
+@dataclass(slots=True)
+class _KnownWrite:
+    """A put `StateStore.put_many` wrote at once: the record, and the reply it earns."""
+
+    put: StatePutRequest
+    agent_id: AgentId
+    key: str
+    ours: dict[str, Any]
+    ours_json: bytes
+    #: The revision it was written after.
+    last: int
+    data: bytes
+    reply: StatePutReply
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +130,7 @@ class StateStore:
         # Agent key -> (revision, version) last written or read here: a write that
         # expects that version tries that revision first. Only a hint: CAS checks it.
         self._known: OrderedDict[str, tuple[int, int]] = OrderedDict()
+        self._writes: CasWrites | None = None
 
     async def start(self) -> None:
         """Open the bucket, creating it if it is absent."""
@@ -156,7 +180,143 @@ class StateStore:
             PayloadTooLargeError: The state is over the configured limit.
             BadRequestError: The state is not JSON.
         """
-        ours = dict(state)  # what is written is the state as it is now
+        ours, ours_json = self._serialised(agent_id, state)
+        if epoch is not None:
+            await self._check_owner(agent_id, writer, epoch)
+        return await self._write(agent_id, ours, ours_json, expected_version, policy, writer, epoch)
+
+    async def put_many(self, puts: Sequence[StatePutRequest]) -> list[StatePutReply | Exception]:
+        """Save each of `puts` as `put` would, all at once; each one's reply or error.
+
+        A put that expects the version this process saw last (the common case) goes
+        straight to KV, its outcome handled as it comes back, with no task of its own;
+        the others, and those that lose their compare-and-set, take `put`'s way.
+        """
+        results: list[StatePutReply | Exception | None] = [None] * len(puts)
+        others: list[int] = []
+        unfinished: list[tuple[int, _KnownWrite, Exception]] = []
+        waiting = 0
+        all_back = asyncio.get_running_loop().create_future()
+        writes = await self._cas_writes()
+
+        def settle(index: int, write: _KnownWrite, outcome: int | Exception) -> None:
+            nonlocal waiting
+            if isinstance(outcome, Exception):
+                unfinished.append((index, write, outcome))
+            else:
+                self._remember(write.key, outcome, write.reply.version)
+                results[index] = write.reply
+            waiting -= 1
+            if waiting == 0 and not all_back.done():
+                all_back.set_result(None)
+
+        for index, put in enumerate(puts):
+            try:
+                write = self._known_write(put)
+            except MeshError as exc:
+                results[index] = exc
+                continue
+            if write is not None and writes is not None:
+                outcome = functools.partial(settle, index, write)
+                if writes.write(self._bucket_name, write.key, write.data, write.last, outcome):
+                    waiting += 1
+                    continue
+            others.append(index)
+
+        async def put_one(index: int) -> None:
+            put = puts[index]
+            try:
+                results[index] = await self.put(
+                    AgentId(put.agent_type, put.key),
+                    put.state,
+                    expected_version=put.expected_version,
+                    policy=put.policy,
+                    writer=put.writer,
+                    epoch=put.epoch,
+                )
+            except Exception as exc:
+                results[index] = exc
+
+        async def finish(index: int, write: _KnownWrite, error: Exception) -> None:
+            try:
+                results[index] = await self._finish(write, error)
+            except Exception as exc:
+                results[index] = exc
+
+        await asyncio.gather(*(put_one(index) for index in others))
+        if waiting:
+            await all_back  # each write has its outcome by its deadline
+        await asyncio.gather(*(finish(*args) for args in unfinished))
+        return [result if result is not None else MeshError("no outcome") for result in results]
+
+    def _known_write(self, put: StatePutRequest) -> _KnownWrite | None:
+        """`put` written at once, if it expects the version this process saw last and
+        needs no fencing; None when it must take `put`'s way.
+
+        Raises:
+            MeshError: As `put` refuses the request (an invalid id, state not JSON...).
+        """
+        agent_id = AgentId(put.agent_type, put.key)
+        if put.epoch is not None or put.expected_version is None:
+            return None
+        key = Subjects.agent_key(agent_id)
+        known = self._known.get(key)
+        if known is None or known[1] != put.expected_version:
+            return None
+        ours, ours_json = self._serialised(agent_id, put.state)
+        data, reply = self._next_version(agent_id, ours, ours_json, put.writer, known, False)
+        return _KnownWrite(put, agent_id, key, ours, ours_json, known[0], data, reply)
+
+    async def _finish(self, write: _KnownWrite, error: Exception) -> StatePutReply:
+        """A write `put_many` started that came back with `error`, finished as `put`
+        finishes one."""
+        put = write.put
+        if not isinstance(error, KeyWrongLastSequenceError):
+            try:  # unacknowledged: it may have been stored
+                revision = await self._compare_and_set(
+                    write.key, write.data, write.last, outcome_unknown=True
+                )
+            except KeyWrongLastSequenceError:
+                pass
+            else:
+                self._remember(write.key, revision, write.reply.version)
+                return write.reply
+        if self._known.get(write.key) == (write.last, put.expected_version):
+            del self._known[write.key]  # stale (unless another put of the batch renewed it)
+        return await self._write(
+            write.agent_id,
+            write.ours,
+            write.ours_json,
+            put.expected_version,
+            put.policy,
+            put.writer,
+        )
+
+    async def _cas_writes(self) -> CasWrites | None:
+        """What `put_many` writes with: on a mesh connection only."""
+        nc = self._js._nc
+        if self._writes is None and isinstance(nc, Connection):
+            self._writes = CasWrites(nc)
+            await self._writes.start()
+        return self._writes
+
+    async def stop(self) -> None:
+        """Stop `put_many`'s writing; writes waiting for their outcome finish as `put`'s
+        do."""
+        writes, self._writes = self._writes, None
+        if writes is not None:
+            await writes.close()
+
+    def _serialised(
+        self, agent_id: AgentId, state: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], bytes]:
+        """The state to write (a copy of it as it is now) and its canonical JSON.
+
+        Raises:
+            BadRequestError: The state is not JSON.
+            PayloadTooLargeError: Its JSON is over the configured limit.
+        """
+        ours = dict(state)
         try:
             ours_json = canonical_json(ours)
         except TypeError as exc:
@@ -167,9 +327,7 @@ class StateStore:
                 f"the state of {agent_id} is {size} bytes, over the limit of"
                 f" {self._config.max_state_bytes}"
             )
-        if epoch is not None:
-            await self._check_owner(agent_id, writer, epoch)
-        return await self._write(agent_id, ours, ours_json, expected_version, policy, writer, epoch)
+        return ours, ours_json
 
     async def _check_owner(self, agent_id: AgentId, writer: str | None, epoch: int) -> None:
         placement = await self._placements.current(agent_id)
@@ -291,6 +449,25 @@ class StateStore:
     ) -> StatePutReply:
         """Write the next version after `position` ((revision, version); None: absent);
         `state_json`: the state's canonical JSON."""
+        data, reply = self._next_version(
+            agent_id, state, state_json, writer, position, merged, epoch
+        )
+        revision = await self._compare_and_set(key, data, position[0] if position else None)
+        self._remember(key, revision, reply.version)
+        return reply
+
+    @staticmethod
+    def _next_version(
+        agent_id: AgentId,
+        state: dict[str, Any],
+        state_json: bytes,
+        writer: str | None,
+        position: tuple[int, int] | None,
+        merged: bool,
+        epoch: int | None = None,
+    ) -> tuple[bytes, StatePutReply]:
+        """The record of the version after `position` ((revision, version); None:
+        absent), and the reply that saving it earns."""
         version = position[1] + 1 if position else 1
         now = utcnow()
         checksum = checksum_of(state_json)
@@ -306,22 +483,23 @@ class StateStore:
                 "epoch": epoch,
             }
         )
-        revision = await self._compare_and_set(key, data, position[0] if position else None)
-        self._remember(key, revision, version)
-        return StatePutReply(
+        reply = StatePutReply(
             version=version,
             checksum=checksum,
             updated_at=now,
             merged=merged,
             state=state if merged else None,
         )
+        return data, reply
 
-    async def _compare_and_set(self, key: str, data: bytes, last: int | None) -> int:
+    async def _compare_and_set(
+        self, key: str, data: bytes, last: int | None, *, outcome_unknown: bool = False
+    ) -> int:
         """Store `data` if the key's revision is still `last` (None: absent), trying again
-        across a leader change; returns the new revision."""
+        across a leader change; returns the new revision. `outcome_unknown`: an earlier
+        attempt got no acknowledgement (so it may have been stored)."""
         kv = self._bucket()
         deadline = time.monotonic() + self._config.write_timeout
-        outcome_unknown = False
         while True:
             try:
                 if last is None:

@@ -149,33 +149,58 @@ def error_from_reply(data: bytes, headers: Mapping[str, str] | None) -> MeshErro
         code = int(raw_code)
     except ValueError:
         code = 500
-    message = headers.get(SERVICE_ERROR, "")
-    wire_type: str | None = None
-    current_version: int | None = None
-    request_id = headers.get(REQUEST_ID)
     try:
         body = decode_plain(data, reply_codec(headers))
     except DecodeError:
         body = None
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        detail = body["error"]
-        message = str(detail.get("message") or message)
-        wire_type = detail.get("type")
-        request_id = detail.get("request_id") or request_id
-        if isinstance(detail.get("current_version"), int):
-            current_version = detail["current_version"]
-    cls = error_class(code, wire_type)
+    detail = body.get("error") if isinstance(body, dict) else None
+    retry_ms = headers.get(RETRY_AFTER_MS)
+    retry_after = (
+        int(retry_ms) / 1000.0 if retry_ms and retry_ms.isascii() and retry_ms.isdigit() else None
+    )
+    return _error(
+        code,
+        detail if isinstance(detail, dict) else {},
+        message=headers.get(SERVICE_ERROR, ""),
+        request_id=headers.get(REQUEST_ID),
+        retry_after=retry_after,
+    )
+
+
+def error_from_body(body: Any) -> MeshError | None:
+    """The error in an error body (`error_body`'s form, e.g. one result of a batch), or
+    ``None`` when `body` is not one."""
+    detail = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(detail, dict):
+        return None
+    code = detail.get("code")
+    return _error(code if isinstance(code, int) else 500, detail)
+
+
+def _error(
+    code: int,
+    detail: Mapping[str, Any],
+    *,
+    message: str = "",
+    request_id: str | None = None,
+    retry_after: float | None = None,
+) -> MeshError:
+    """The typed error for `code` and an error body's `detail` (which wins over the
+    headers' `message` and `request_id`)."""
+    message = str(detail.get("message") or message)
+    wire_type = detail.get("type")
+    request_id = detail.get("request_id") or request_id
+    current_version = detail.get("current_version")
+    cls = error_class(code, wire_type if isinstance(wire_type, str) else None)
     error: MeshError
     if cls is RateLimitedError:
-        retry_ms = headers.get(RETRY_AFTER_MS)
-        retry_after = (
-            int(retry_ms) / 1000.0
-            if retry_ms and retry_ms.isascii() and retry_ms.isdigit()
-            else None
-        )
         error = RateLimitedError(message, retry_after=retry_after, request_id=request_id)
     elif cls is ConflictError:
-        error = ConflictError(message, current_version=current_version, request_id=request_id)
+        error = ConflictError(
+            message,
+            current_version=current_version if isinstance(current_version, int) else None,
+            request_id=request_id,
+        )
     else:
         error = cls(message, request_id=request_id)
     error.remote = True

@@ -23,8 +23,10 @@ from typing import Any, Protocol, TypeVar
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel, Field
 
+from mesh._batched_requests import BatchedRequests
 from mesh._conflicts import ConflictPolicy
 from mesh._control import control_request
+from mesh.codec import encode
 from mesh.ids import AgentId
 from mesh.records import utcnow
 from mesh.subjects import Subjects
@@ -81,6 +83,20 @@ class StatePutReply(BaseModel):
     state: dict[str, Any] | None = Field(None, description="the saved state, when merged")
 
 
+#: Most puts one ``mesh.state.put_many`` request may carry.
+MAX_PUTS_PER_REQUEST = 256
+
+
+class StatePutManyRequest(BaseModel):
+    puts: list[StatePutRequest] = Field(min_length=1, max_length=MAX_PUTS_PER_REQUEST)
+
+
+class StatePutManyReply(BaseModel):
+    results: list[StatePutReply | dict[str, Any]] = Field(
+        description="per put, in order: what mesh.state.put answers (a put reply or an error body)"
+    )
+
+
 class StateHistoryRequest(BaseModel):
     agent_type: str
     key: str
@@ -133,12 +149,31 @@ class StateClient:
         nc: A connected client.
         subjects: The mesh's names.
         timeout: Seconds to wait for each answer.
+        batch: Send the puts made at the same moment (in the same event-loop iteration)
+            as one ``mesh.state.put_many`` request (see `mesh._batched_requests`); a put
+            alone still goes as ``mesh.state.put``. ``False``: every put on its own.
     """
 
-    def __init__(self, nc: NATS, subjects: Subjects | None = None, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        subjects: Subjects | None = None,
+        timeout: float = 5.0,
+        *,
+        batch: bool = True,
+    ) -> None:
         self._nc = nc
         self._subjects = subjects or Subjects()
         self._timeout = timeout
+        self._puts = BatchedRequests(
+            nc,
+            subject=self._subjects.service(SERVICE, "put"),
+            batch_subject=self._subjects.service(SERVICE, "put_many"),
+            field="puts",
+            reply_type=StatePutReply,
+            max_batch=MAX_PUTS_PER_REQUEST if batch else 1,
+            timeout=timeout,
+        )
 
     async def get(self, agent_id: AgentId, version: int | None = None) -> StateRecord:
         """The latest state, or `version` while it is kept.
@@ -177,7 +212,7 @@ class StateClient:
             writer=writer,
             epoch=epoch,
         )
-        return await self._request("put", request, StatePutReply)
+        return await self._puts.request(encode(request))
 
     async def history(self, agent_id: AgentId) -> list[StateVersion]:
         """The versions kept, oldest first; empty when nothing is saved."""

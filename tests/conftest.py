@@ -14,6 +14,8 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 
+from mesh._connect import connect
+from mesh._connection import Connection
 from mesh.config import ConnectConfig, GatewayConfig, RegistryConfig, StateConfig
 from mesh.handlers.gateway import Gateway
 from mesh.handlers.registry import Registry
@@ -47,6 +49,15 @@ async def nc(nats_url: str) -> AsyncIterator[NATS]:
     conn = await nats.connect(nats_url, name="mesh-test")
     yield conn
     await conn.drain()
+
+
+@pytest.fixture
+async def mesh_nc(nats_url: str) -> AsyncIterator[Connection]:
+    """A connection as mesh's processes open them (`mesh._connection.Connection`)."""
+    conn = await connect(ConnectConfig(url=nats_url), name="mesh-test")
+    assert isinstance(conn, Connection)
+    yield conn
+    await conn.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator
 
 import nats.errors
 import pytest
@@ -43,14 +42,6 @@ def test_random_header_blocks_parse_as_nats_py_parses_them() -> None:
     for _ in range(5000):
         raw = bytes(rng.choice(alphabet) for _ in range(rng.randrange(60)))
         assert Connection._parse_header_lines(raw) == NATS._parse_header_lines(raw), raw
-
-
-@pytest.fixture
-async def mesh_nc(nats_url: str) -> AsyncIterator[Connection]:
-    nc = await connect(ConnectConfig(url=nats_url), name="connection-check")
-    assert isinstance(nc, Connection)
-    yield nc
-    await nc.close()
 
 
 async def test_headers_cross_a_real_server_intact(mesh_nc: Connection) -> None:

@@ -3,30 +3,41 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
+import msgpack
 import orjson
 import pytest
 from nats.aio.client import Client as NATS
 
 from mesh import AgentId
+from mesh._connection import Connection
 from mesh.config import StateConfig
 from mesh.errors import (
     ConflictError,
+    NoWorkerAvailableError,
     PayloadTooLargeError,
     StateCorruptError,
     StateNotFoundError,
 )
 from mesh.handlers.state import StateService
-from mesh.state import StateClient
+from mesh.state import StateClient, StatePutReply
 from mesh.subjects import Subjects
+from mesh.testing import eventually
 from tests.helpers import assert_error
 
 COUNTER = AgentId("counter", "a")
 
 
-@pytest.fixture
-def service(state_service: StateService) -> StateService:
-    return state_service
+@pytest.fixture(params=["nats-py", "mesh"])
+async def service(
+    request: pytest.FixtureRequest, nc: NATS, mesh_nc: Connection, subjects: Subjects
+) -> AsyncIterator[StateService]:
+    """The service on either kind of connection: on mesh's, a write expecting the
+    version it saw last goes straight to KV (`StateStore.put_many`)."""
+    connection = nc if request.param == "nats-py" else mesh_nc
+    async with StateService(connection, subjects, StateConfig(history=8)) as service:
+        yield service
 
 
 @pytest.fixture
@@ -59,9 +70,11 @@ async def test_nothing_saved_is_a_404(store: StateClient) -> None:
     assert await store.history(AgentId("counter", "nobody")) == []
 
 
+@pytest.mark.parametrize("batch", [True, False], ids=["put_many", "put"])
 async def test_of_fifty_writers_expecting_one_version_exactly_one_wins(
-    store: StateClient,
+    nc: NATS, subjects: Subjects, service: StateService, batch: bool
 ) -> None:
+    store = StateClient(nc, subjects, batch=batch)
     await store.put(COUNTER, {"value": 0}, expected_version=0)
     outcomes = await asyncio.gather(
         *(store.put(COUNTER, {"value": n}, expected_version=1) for n in range(50)),
@@ -246,3 +259,104 @@ async def test_a_409_reply_carries_the_current_version(
     )
     error = assert_error(reply, 409, "StateConflict")  # type: ignore[arg-type]
     assert error["current_version"] == 1
+
+
+def _put(key: str, state: dict[str, object], **fields: object) -> dict[str, object]:
+    return {"agent_type": "counter", "key": key, "state": state, **fields}
+
+
+async def test_put_many_answers_each_put_as_put_would(
+    nc: NATS, subjects: Subjects, service: StateService
+) -> None:
+    store = StateClient(nc, subjects, batch=False)
+    await store.put(AgentId("counter", "b"), {"value": 1})  # b is at version 1
+    puts = [
+        _put("a", {"value": 1}, expected_version=0),
+        _put("b", {"value": 2}, expected_version=5),
+        _put("\x07", {"value": 3}),
+        _put("c", {"blob": "x" * 1_000_100}),  # over the 1,000,000 limit
+        _put("b", {"value": 2}, expected_version=5, policy="last_write_wins"),
+    ]
+    for content_type, codec in (("application/json", orjson), ("application/msgpack", msgpack)):
+        reply = await nc.request(
+            subjects.service("state", "put_many"),
+            codec.dumps({"puts": puts}),  # type: ignore[attr-defined]
+            timeout=5,
+            headers={"Content-Type": content_type},
+        )
+        assert reply.headers is not None and reply.headers["Content-Type"] == content_type
+        ok, conflict, invalid, too_large, overwritten = codec.loads(reply.data)["results"]  # type: ignore[attr-defined]
+        if content_type == "application/json":
+            assert ok["version"] == 1 and not ok["merged"]
+            assert overwritten["version"] == 2
+        else:  # the same puts again: a now exists, b is at version 2
+            assert ok["error"]["code"] == 409 and ok["error"]["current_version"] == 1
+            assert overwritten["version"] == 3
+        assert conflict["error"]["type"] == "StateConflict"
+        assert conflict["error"]["current_version"] == (1 if content_type.endswith("json") else 2)
+        assert invalid["error"]["code"] == 400 and invalid["error"]["type"] == "InvalidId"
+        assert too_large["error"]["code"] == 413
+    assert (await store.get(AgentId("counter", "a"))).state == {"value": 1}
+    assert (await store.get(AgentId("counter", "b"))).version == 3
+    with pytest.raises(StateNotFoundError):
+        await store.get(AgentId("counter", "c"))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"puts": []}',
+        orjson.dumps({"puts": [_put("a", {})] * 257}),
+        b'{"puts": [{"agent_type": "counter"}]}',
+        b'{"puts": {"agent_type": "counter", "key": "a", "state": {}}}',
+        b"[not json",
+    ],
+    ids=["none", "too-many", "incomplete", "not-a-list", "not-json"],
+)
+async def test_a_bad_put_many_is_400_and_writes_nothing(
+    nc: NATS, subjects: Subjects, service: StateService, body: bytes
+) -> None:
+    reply = await _request(nc, subjects, "put_many", body)
+    assert_error(reply, 400, "InvalidPayload")  # type: ignore[arg-type]
+    assert await StateClient(nc, subjects).history(COUNTER) == []
+
+
+async def test_puts_made_together_travel_together_and_a_lone_put_alone(
+    nc: NATS, subjects: Subjects, service: StateService
+) -> None:
+    seen: dict[str, int] = {"put": 0, "put_many": 0}
+    for op in seen:
+
+        async def count(msg: object, op: str = op) -> None:
+            seen[op] += 1
+
+        await nc.subscribe(subjects.service("state", op), cb=count)
+    store = StateClient(nc, subjects)
+    agents = [AgentId("counter", f"k{n}") for n in range(40)]
+    saved = await asyncio.gather(*(store.put(agent, {"n": 1}) for agent in agents))
+    assert [s.version for s in saved] == [1] * 40
+    again = await asyncio.gather(
+        *(store.put(a, {"n": 2}, expected_version=1) for a in agents),
+        store.put(agents[0], {"n": 3}, expected_version=1),  # loses to the first
+        return_exceptions=True,
+    )
+    assert [getattr(r, "version", None) for r in again[1:40]] == [2] * 39
+    first, rival = again[0], again[40]  # of two puts expecting version 1 of k0, one won
+    assert {type(first), type(rival)} == {StatePutReply, ConflictError}, again
+    conflict = first if isinstance(first, ConflictError) else rival
+    assert isinstance(conflict, ConflictError) and conflict.current_version == 2
+    await store.put(AgentId("counter", "alone"), {"n": 1})
+    await nc.flush()
+    await eventually(lambda: seen == {"put": 1, "put_many": 2}, timeout=5)
+
+
+async def test_puts_made_together_without_a_service_each_fail_on_their_own(
+    nc: NATS, subjects: Subjects
+) -> None:
+    store = StateClient(nc, subjects, timeout=1)
+    outcomes = await asyncio.gather(
+        *(store.put(AgentId("counter", f"k{n}"), {"n": n}) for n in range(3)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, NoWorkerAvailableError) for o in outcomes), outcomes
+    assert len({id(o) for o in outcomes}) == 3  # one error each, not one shared

@@ -1,9 +1,10 @@
 """The state service (``mesh-state``): agents' state for any client, over NATS.
 
-Endpoints (``mesh.state.<op>``): get, put, history, delete; requests and replies are
-the models in `mesh.state`. The work is `StateStore`'s: versions, compare-and-set,
-conflict policies, checksums (see `mesh._state_store`). Workers use the store directly
-for their agents' saves, one hop fewer; every other client comes here.
+Endpoints (``mesh.state.<op>``): get, put, put_many (many puts in one request),
+history, delete; requests and replies are the models in `mesh.state`. The work is
+`StateStore`'s: versions, compare-and-set, conflict policies, checksums (see
+`mesh._state_store`). Workers use the store directly for their agents' saves, one hop
+fewer; every other client comes here.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from nats.aio.msg import Msg
 from mesh import __version__
 from mesh._control import model_reply, read_request
 from mesh._lifecycle import Lifecycle
-from mesh._micro import CONTROL_MAX_PAYLOAD, MicroService, Reply
+from mesh._micro import CONTROL_MAX_PAYLOAD, MicroService, Reply, answer_for
 from mesh._state_store import StateStore
+from mesh._wire import error_body
 from mesh.config import StateConfig
 from mesh.ids import AgentId
 from mesh.state import (
@@ -25,6 +27,8 @@ from mesh.state import (
     StateGetRequest,
     StateHistoryReply,
     StateHistoryRequest,
+    StatePutManyReply,
+    StatePutManyRequest,
     StatePutRequest,
 )
 from mesh.subjects import Subjects
@@ -66,6 +70,7 @@ class StateService(Lifecycle):
         endpoints = {
             "get": self._get,
             "put": self._put,
+            "put_many": self._put_many,
             "history": self._history,
             "delete": self._delete,
         }
@@ -82,6 +87,7 @@ class StateService(Lifecycle):
             return
         self._started = False
         await self._service.stop(grace)
+        await self.store.stop()
 
     async def _get(self, msg: Msg) -> Reply:
         request = read_request(msg, StateGetRequest)
@@ -90,15 +96,20 @@ class StateService(Lifecycle):
 
     async def _put(self, msg: Msg) -> Reply:
         request = read_request(msg, StatePutRequest)
-        saved = await self.store.put(
-            AgentId(request.agent_type, request.key),
-            request.state,
-            expected_version=request.expected_version,
-            policy=request.policy,
-            writer=request.writer,
-            epoch=request.epoch,
-        )
-        return model_reply(msg, saved)
+        (result,) = await self.store.put_many([request])
+        if isinstance(result, Exception):
+            raise result
+        return model_reply(msg, result)
+
+    async def _put_many(self, msg: Msg) -> Reply:
+        request = read_request(msg, StatePutManyRequest)
+        results = [
+            error_body(answer_for(result, f"{self._service.name}.put_many"))
+            if isinstance(result, Exception)
+            else result
+            for result in await self.store.put_many(request.puts)
+        ]
+        return model_reply(msg, StatePutManyReply.model_construct(results=results))
 
     async def _history(self, msg: Msg) -> Reply:
         request = read_request(msg, StateHistoryRequest)
