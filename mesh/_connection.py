@@ -165,6 +165,16 @@ class Connection(NATS):
             queue.put_nowait(asyncio.get_running_loop().create_future())  # the flusher's wake-up
         return True
 
+    def write_out(self) -> None:
+        """Hand what is buffered for the socket to it now (one system call), rather than
+        when the flusher next runs: the server starts on those messages while more are
+        being made. Order is kept: the flusher writes what is buffered after them."""
+        transport = self._transport
+        if self._pending and self.is_connected and transport is not None:
+            transport.writelines(self._pending)
+            self._pending = []
+            self._pending_data_size = 0
+
     async def publish_reply(self, reply: str, payload: bytes = b"") -> None:
         """Publish `payload` without headers to `reply`, a subject the server handed us
         (a JetStream acknowledgement's, a request's reply): what `publish` does, without

@@ -158,6 +158,11 @@ def _stored_revision(acknowledgement: bytes) -> int:
     return int(answer["seq"])
 
 
+#: Writes a `CasWrites` buffers at most before handing them to the socket, rather than
+#: waiting for the connection's flusher: many writes made at once reach the server in
+#: parts, so it stores the first while the rest are being made.
+WRITE_OUT_EVERY = 8
+
 #: What becomes of a `CasWrites` write: the key's new revision, or why it failed.
 Outcome = Callable[[int | Exception], None]
 
@@ -187,7 +192,7 @@ class CasWrites:
         # Deadlines by tick: the tokens written in it, and the one timer that expires them.
         self._deadlines: dict[int, list[str]] = {}
         self._timers: dict[int, asyncio.TimerHandle] = {}
-        self._loop = asyncio.get_event_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         """Subscribe the inbox acknowledgements come back to."""
@@ -203,7 +208,8 @@ class CasWrites:
         with what became of it. ``False``, and no call, when it cannot be sent now
         (not started, or the connection is not connected: see
         `Connection.publish_nowait`)."""
-        if self._subscription is None:
+        loop = self._loop
+        if self._subscription is None or loop is None:
             return False
         self._written += 1
         token = f"{self._written:x}"
@@ -214,8 +220,9 @@ class CasWrites:
             {EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)},
         ):
             return False
+        if self._written % WRITE_OUT_EVERY == 0:
+            self._nc.write_out()  # the server can store these while more are made
         self._waiting[token] = outcome
-        loop = self._loop
         tick = math.ceil((loop.time() + self._timeout) / TICK)
         tokens = self._deadlines.get(tick)
         if tokens is None:

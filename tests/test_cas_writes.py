@@ -88,6 +88,21 @@ async def test_publish_nowait_sends_only_while_it_can(mesh_nc: Connection) -> No
     assert not mesh_nc.publish_nowait("nowait.check", b"closed")
 
 
+async def test_write_out_hands_buffered_messages_over_in_order(mesh_nc: Connection) -> None:
+    received = await mesh_nc.subscribe("writeout.check")
+    await mesh_nc.flush()
+    assert mesh_nc.publish_nowait("writeout.check", b"1")
+    assert mesh_nc.publish_nowait("writeout.check", b"2")
+    mesh_nc.write_out()
+    assert mesh_nc._pending == []  # in the socket's hands, not waiting for the flusher
+    await mesh_nc.publish("writeout.check", b"3")
+    mesh_nc.write_out()  # nothing buffered, or only what the flusher will also see
+    got = [(await received.next_msg(timeout=2)).data for _ in range(3)]
+    assert got == [b"1", b"2", b"3"]
+    await mesh_nc.close()
+    mesh_nc.write_out()  # closed: nothing to do, no error
+
+
 COUNTER = AgentId("counter", "a")
 
 
