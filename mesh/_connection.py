@@ -62,13 +62,18 @@ def encode_headers(headers: dict[str, Any]) -> bytes:
     return b"".join(lines)
 
 
+#: Connection states in which nats-py publishes (connected, or draining subscriptions).
+_PUBLISHING = frozenset({NATS.CONNECTED, NATS.DRAINING_SUBS})
+
+
 def _publish_command(
-    subject: str, reply: str, payload: bytes, headers: dict[str, Any] | None
+    subject: str, reply: str, payload: bytes, headers: dict[str, Any] | bytes | None
 ) -> bytes:
-    """The ``PUB`` (or, with headers, ``HPUB``) command that publishes `payload`."""
+    """The ``PUB`` (or, with headers, ``HPUB``) command that publishes `payload`;
+    `headers` as a dict, or a block `encode_headers` made."""
     if headers is None:
         return b"PUB %b %b %d\r\n%b\r\n" % (subject.encode(), reply.encode(), len(payload), payload)
-    block = encode_headers(headers)
+    block = headers if isinstance(headers, bytes) else encode_headers(headers)
     return b"HPUB %b %b %d %d\r\n%b%b\r\n" % (
         subject.encode(),
         reply.encode(),
@@ -139,17 +144,21 @@ class Connection(NATS):
             await self._flush_pending()
 
     def publish_nowait(
-        self, subject: str, payload: bytes, reply: str = "", headers: dict[str, str] | None = None
+        self,
+        subject: str,
+        payload: bytes,
+        reply: str = "",
+        headers: dict[str, str] | bytes | None = None,
     ) -> bool:
         """Publish without waiting, for code that cannot (a direct handler): the message
         joins the outgoing buffer and the flusher is woken, as `publish` does while
-        connected. ``False``, and nothing sent, when the connection is not connected or
-        is draining, or `payload` is over the server's limit: `publish` says why, or
+        connected. `headers` may be a block `encode_headers` made. ``False``, and
+        nothing sent, when the connection is not connected or is draining its
+        publications, or `payload` is over the server's limit: `publish` says why, or
         buffers the message until a reconnect."""
         queue = self._flush_queue
         if (
-            not self.is_connected
-            or self.is_draining_pubs
+            self._status not in _PUBLISHING
             or queue is None
             or len(payload) > self._max_payload
             or not subject

@@ -163,6 +163,9 @@ def _stored_revision(acknowledgement: bytes) -> int:
 #: parts, so it stores the first while the rest are being made.
 WRITE_OUT_EVERY = 8
 
+#: The header block of a compare-and-set on revision ``%d``.
+_EXPECTED_LAST = b"NATS/1.0\r\n" + EXPECTED_LAST_SUBJECT_SEQUENCE.encode() + b": %d\r\n\r\n"
+
 #: What becomes of a `CasWrites` write: the key's new revision, or why it failed.
 Outcome = Callable[[int | Exception], None]
 
@@ -214,10 +217,7 @@ class CasWrites:
         self._written += 1
         token = f"{self._written:x}"
         if not self._nc.publish_nowait(
-            Subjects.kv_subject(bucket, key),
-            value,
-            self._prefix + token,
-            {EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)},
+            Subjects.kv_subject(bucket, key), value, self._prefix + token, _EXPECTED_LAST % last
         ):
             return False
         if self._written % WRITE_OUT_EVERY == 0:

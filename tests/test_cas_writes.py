@@ -12,7 +12,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.errors import KeyWrongLastSequenceError, NoStreamResponseError
 from nats.js.kv import KeyValue
 
-from mesh._connection import Connection
+from mesh._connection import Connection, encode_headers
 from mesh._kv import BucketConfig, CasWrites, compare_and_set, ensure_bucket
 from mesh._state_store import StateStore
 from mesh.errors import ConflictError
@@ -82,6 +82,9 @@ async def test_publish_nowait_sends_only_while_it_can(mesh_nc: Connection) -> No
     assert mesh_nc.publish_nowait("nowait.check", b"hello", headers={"A": "1"})
     message = await received.next_msg(timeout=2)
     assert (message.data, message.headers) == (b"hello", {"A": "1"})
+    assert mesh_nc.publish_nowait("nowait.check", b"block", headers=encode_headers({"B": "2"}))
+    message = await received.next_msg(timeout=2)
+    assert (message.data, message.headers) == (b"block", {"B": "2"})
     assert not mesh_nc.publish_nowait("", b"no subject")
     assert not mesh_nc.publish_nowait("nowait.check", b"x" * (mesh_nc.max_payload + 1))
     await mesh_nc.close()
