@@ -382,8 +382,9 @@ class StateStore:
         known = self._known.get(key)
         if known is not None and expected == known[1] and epoch is None:
             # The common case: the writer expects what this process saw last.
+            data, reply = self._next_version(agent_id, ours, ours_json, writer, known, False)
             try:
-                return await self._store(key, agent_id, ours, ours_json, writer, known, False)
+                return await self._store(key, data, reply, known)
             except KeyWrongLastSequenceError:
                 self._known.pop(key, None)
         for _ in range(MAX_WRITE_ROUNDS):
@@ -402,10 +403,11 @@ class StateStore:
                     state = await self._merged(agent_id, ours, saved, expected, current)
                     state_json, merged = canonical_json(state), True
             position = (saved.revision, current) if saved else None
+            data, reply = self._next_version(
+                agent_id, state, state_json, writer, position, merged, epoch
+            )
             try:
-                return await self._store(
-                    key, agent_id, state, state_json, writer, position, merged, epoch
-                )
+                return await self._store(key, data, reply, position)
             except KeyWrongLastSequenceError:
                 continue  # another write landed in between: judge again against it
         raise NoWorkerAvailableError(
@@ -437,21 +439,10 @@ class StateStore:
             raise self._conflict(agent_id, expected, current, str(exc)) from None
 
     async def _store(
-        self,
-        key: str,
-        agent_id: AgentId,
-        state: dict[str, Any],
-        state_json: bytes,
-        writer: str | None,
-        position: tuple[int, int] | None,
-        merged: bool,
-        epoch: int | None = None,
+        self, key: str, data: bytes, reply: StatePutReply, position: tuple[int, int] | None
     ) -> StatePutReply:
-        """Write the next version after `position` ((revision, version); None: absent);
-        `state_json`: the state's canonical JSON."""
-        data, reply = self._next_version(
-            agent_id, state, state_json, writer, position, merged, epoch
-        )
+        """Write `data`, the record of the version after `position` ((revision, version);
+        None: absent); `reply` once it is stored."""
         revision = await self._compare_and_set(key, data, position[0] if position else None)
         self._remember(key, revision, reply.version)
         return reply
@@ -467,7 +458,8 @@ class StateStore:
         epoch: int | None = None,
     ) -> tuple[bytes, StatePutReply]:
         """The record of the version after `position` ((revision, version); None:
-        absent), and the reply that saving it earns."""
+        absent), and the reply that saving it earns; `state_json`: the state's canonical
+        JSON."""
         version = position[1] + 1 if position else 1
         now = utcnow()
         checksum = checksum_of(state_json)

@@ -14,7 +14,7 @@ from nats.js.kv import KeyValue
 
 from mesh._connection import Connection, encode_headers
 from mesh._kv import BucketConfig, CasWrites, compare_and_set, ensure_bucket
-from mesh._state_store import StateStore
+from mesh._state_store import StateStore, _KnownWrite
 from mesh.errors import ConflictError
 from mesh.ids import AgentId
 from mesh.state import StatePutRequest
@@ -109,22 +109,28 @@ async def test_write_out_hands_buffered_messages_over_in_order(mesh_nc: Connecti
 COUNTER = AgentId("counter", "a")
 
 
-async def _store_with_a_known_write(
-    mesh_nc: Connection, subjects: Subjects
-) -> tuple[StateStore, StatePutRequest]:
+#: A put expecting version 1 of COUNTER, the version `_store_knowing_version_1` saved.
+NEXT = StatePutRequest(agent_type="counter", key="a", state={"value": 2}, expected_version=1)
+
+
+async def _store_knowing_version_1(mesh_nc: Connection, subjects: Subjects) -> StateStore:
     store = StateStore(mesh_nc.jetstream(), subjects)
     await store.start()
     await store.put(COUNTER, {"value": 1})  # version 1, now known to the store
-    put = StatePutRequest(agent_type="counter", key="a", state={"value": 2}, expected_version=1)
-    return store, put
+    return store
+
+
+async def _known_write(store: StateStore) -> _KnownWrite:
+    write = store._known_write(NEXT)
+    assert write is not None
+    return write
 
 
 async def test_an_unacknowledged_write_that_was_stored_succeeds_once(
     mesh_nc: Connection, subjects: Subjects
 ) -> None:
-    store, put = await _store_with_a_known_write(mesh_nc, subjects)
-    write = store._known_write(put)
-    assert write is not None
+    store = await _store_knowing_version_1(mesh_nc, subjects)
+    write = await _known_write(store)
     # Stored, but its acknowledgement lost (a leader change):
     await compare_and_set(
         mesh_nc.jetstream(), store._bucket_name, write.key, write.data, write.last
@@ -138,9 +144,8 @@ async def test_an_unacknowledged_write_that_was_stored_succeeds_once(
 async def test_an_unacknowledged_write_that_lost_to_another_is_a_conflict(
     mesh_nc: Connection, subjects: Subjects
 ) -> None:
-    store, put = await _store_with_a_known_write(mesh_nc, subjects)
-    write = store._known_write(put)
-    assert write is not None
+    store = await _store_knowing_version_1(mesh_nc, subjects)
+    write = await _known_write(store)
     other = StateStore(mesh_nc.jetstream(), subjects)
     await other.start()
     await other.put(COUNTER, {"value": 7}, expected_version=1)  # got there first
@@ -153,10 +158,10 @@ async def test_an_unacknowledged_write_that_lost_to_another_is_a_conflict(
 async def test_put_many_gives_each_put_its_own_outcome(
     mesh_nc: Connection, subjects: Subjects
 ) -> None:
-    store, put = await _store_with_a_known_write(mesh_nc, subjects)
-    rival = put.model_copy(update={"state": {"value": 3}})
+    store = await _store_knowing_version_1(mesh_nc, subjects)
+    rival = NEXT.model_copy(update={"state": {"value": 3}})
     fresh = StatePutRequest(agent_type="counter", key="b", state={"value": 1})
-    results = await store.put_many([put, rival, fresh])
+    results = await store.put_many([NEXT, rival, fresh])
     assert [type(r).__name__ for r in results] == [
         "StatePutReply",
         "ConflictError",
