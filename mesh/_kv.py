@@ -28,6 +28,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from mesh._connection import Connection
 from mesh._deadlines import TICK
+from mesh._kv_watch import watch
 from mesh._retry import while_unavailable
 from mesh.subjects import Subjects
 
@@ -409,7 +410,7 @@ class KvMirror:
 
     async def _watch(self, timeout: float) -> None:
         self.ready.clear()
-        self._watcher = await self._kv.watch(self._keys, meta_only=not self._values)
+        self._watcher = await watch(self._kv, self._keys, meta_only=not self._values)
         self._task = asyncio.create_task(self._follow(self._watcher), name=f"kv-watch:{self._keys}")
         self._task.add_done_callback(self._ended)
         async with asyncio.timeout(timeout):

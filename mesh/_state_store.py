@@ -54,6 +54,7 @@ from mesh._conflicts import (
 )
 from mesh._connection import Connection
 from mesh._kv import BucketConfig, CasWrites, compare_and_set, ensure_bucket
+from mesh._kv_watch import history
 from mesh._placement import PlacementTable
 from mesh._retry import JETSTREAM_UNAVAILABLE
 from mesh.config import StateConfig
@@ -518,7 +519,7 @@ class StateStore:
             if latest.value == data:
                 return int(latest.revision or 0)
         with contextlib.suppress(NoKeysError):
-            for entry in reversed(await kv.history(key)):
+            for entry in reversed(await history(kv, key)):
                 if entry.value == data:
                     return int(entry.revision or 0)
         return None
@@ -546,7 +547,7 @@ class StateStore:
     async def _versions(self, agent_id: AgentId) -> list[_Saved]:
         """The versions kept, oldest first; corrupt ones left out."""
         try:
-            entries = await self._bucket().history(Subjects.agent_key(agent_id))
+            entries = await history(self._bucket(), Subjects.agent_key(agent_id))
         except (NoKeysError, KeyNotFoundError):
             return []
         kept: list[_Saved] = []

@@ -31,6 +31,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from mesh._connect import on_reconnect
 from mesh._kv import BucketConfig, KvMirror, MirroredEntry, ensure_bucket, put_with_ttl
+from mesh._kv_watch import READ_ONCE_INACTIVE_THRESHOLD, watch
 from mesh._lifecycle import Lifecycle
 from mesh.errors import NoWorkerAvailableError
 from mesh.subjects import Subjects
@@ -163,8 +164,12 @@ class Cache(Lifecycle):
         """Remove every entry whose key matches `pattern` (``*`` one segment, ``>`` the
         rest); return how many there were."""
         kv = self._bucket()
-        watcher = await kv.watch(
-            Subjects.cache_pattern(self.namespace, pattern), meta_only=True, ignore_deletes=True
+        watcher = await watch(
+            kv,
+            Subjects.cache_pattern(self.namespace, pattern),
+            meta_only=True,
+            ignore_deletes=True,
+            inactive_threshold=READ_ONCE_INACTIVE_THRESHOLD,
         )
         keys: list[str] = []
         try:

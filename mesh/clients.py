@@ -24,11 +24,12 @@ from datetime import datetime
 from fnmatch import fnmatchcase
 
 from nats.js.client import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, Field, field_validator
 
 from mesh._kv import BucketConfig, ensure_bucket
+from mesh._kv_watch import keys as kv_keys
 from mesh.errors import BadRequestError
 from mesh.records import utcnow
 from mesh.subjects import Subjects
@@ -134,12 +135,8 @@ class ClientRegistry:
 
     async def list(self) -> list[ClientRecord]:
         kv = await self._bucket()
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            return []
         records = []
-        for key in sorted(keys):
+        for key in sorted(await kv_keys(kv)):
             try:
                 entry = await kv.get(key)
             except KeyNotFoundError:

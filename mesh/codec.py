@@ -157,13 +157,30 @@ def decode(data: bytes, model: type[M], codec: Codec = JSON_CODEC) -> M:
             raise DecodeError(
                 f"invalid JSON: {exc.errors(include_url=False)[0]['msg']}", content_type=JSON
             ) from exc
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
-            for err in exc.errors(include_url=False)
-        )
-        raise DecodeError(
-            f"payload does not fit {model.__name__}: {problems}", content_type=codec.content_type
-        ) from exc
+        raise _does_not_fit(exc, model, codec.content_type) from exc
+
+
+def validate(value: Any, model: type[M], content_type: str = JSON) -> M:
+    """`value`, plain values a codec decoded (say, one item of a decoded list),
+    validated as `model`.
+
+    Raises:
+        DecodeError: It does not fit `model`.
+    """
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise _does_not_fit(exc, model, content_type) from exc
+
+
+def _does_not_fit(exc: ValidationError, model: type[BaseModel], content_type: str) -> DecodeError:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+        for err in exc.errors(include_url=False)
+    )
+    return DecodeError(
+        f"payload does not fit {model.__name__}: {problems}", content_type=content_type
+    )
 
 
 def json_object(data: bytes | str, what: str) -> dict[str, Any]:

@@ -91,6 +91,13 @@ class StatePutManyRequest(BaseModel):
     puts: list[StatePutRequest] = Field(min_length=1, max_length=MAX_PUTS_PER_REQUEST)
 
 
+class StatePutBodies(BaseModel):
+    """A ``mesh.state.put_many`` request read leniently: its puts as plain objects, so
+    that each can be validated (and refused) on its own."""
+
+    puts: list[dict[str, Any]] = Field(min_length=1, max_length=MAX_PUTS_PER_REQUEST)
+
+
 class StatePutManyReply(BaseModel):
     results: list[StatePutReply | dict[str, Any]] = Field(
         description="per put, in order: what mesh.state.put answers (a put reply or an error body)"

@@ -6,13 +6,15 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import msgpack
+import nats
 import orjson
 import pytest
 from nats.aio.client import Client as NATS
 
 from mesh import AgentId
+from mesh._connect import connect
 from mesh._connection import Connection
-from mesh.config import StateConfig
+from mesh.config import ConnectConfig, StateConfig
 from mesh.errors import (
     ConflictError,
     NoWorkerAvailableError,
@@ -30,13 +32,24 @@ COUNTER = AgentId("counter", "a")
 
 
 @pytest.fixture(params=["nats-py", "mesh"])
-async def service(
-    request: pytest.FixtureRequest, nc: NATS, mesh_nc: Connection, subjects: Subjects
-) -> AsyncIterator[StateService]:
-    """The service on either kind of connection: on mesh's, a write expecting the
-    version it saw last goes straight to KV (`StateStore.put_many`)."""
-    connection = nc if request.param == "nats-py" else mesh_nc
-    async with StateService(connection, subjects, StateConfig(history=8)) as service:
+async def nc(request: pytest.FixtureRequest, nats_url: str) -> AsyncIterator[NATS]:
+    """Every test here twice: on nats-py's connection and on mesh's, where the service
+    writes a put expecting the version it saw last straight to KV
+    (`StateStore.put_many`). Service and client share it, so the client's first
+    request always finds the service subscribed (across two connections, nats-server
+    now and then answers "no responders" just after a subscription was confirmed)."""
+    if request.param == "nats-py":
+        connection = await nats.connect(nats_url, name="mesh-test")
+    else:
+        connection = await connect(ConnectConfig(url=nats_url), name="mesh-test")
+        assert isinstance(connection, Connection)
+    yield connection
+    await connection.drain()
+
+
+@pytest.fixture
+async def service(nc: NATS, subjects: Subjects) -> AsyncIterator[StateService]:
+    async with StateService(nc, subjects, StateConfig(history=8)) as service:
         yield service
 
 
@@ -276,6 +289,7 @@ async def test_put_many_answers_each_put_as_put_would(
         _put("\x07", {"value": 3}),
         _put("c", {"blob": "x" * 1_000_100}),  # over the 1,000,000 limit
         _put("b", {"value": 2}, expected_version=5, policy="last_write_wins"),
+        {"agent_type": "counter", "key": "d", "state": [1, 2]},  # not a put: its own 400
     ]
     for content_type, codec in (("application/json", orjson), ("application/msgpack", msgpack)):
         reply = await nc.request(
@@ -285,7 +299,8 @@ async def test_put_many_answers_each_put_as_put_would(
             headers={"Content-Type": content_type},
         )
         assert reply.headers is not None and reply.headers["Content-Type"] == content_type
-        ok, conflict, invalid, too_large, overwritten = codec.loads(reply.data)["results"]  # type: ignore[attr-defined]
+        answers = codec.loads(reply.data)["results"]  # type: ignore[attr-defined]
+        ok, conflict, invalid, too_large, overwritten, malformed = answers
         if content_type == "application/json":
             assert ok["version"] == 1 and not ok["merged"]
             assert overwritten["version"] == 2
@@ -296,10 +311,13 @@ async def test_put_many_answers_each_put_as_put_would(
         assert conflict["error"]["current_version"] == (1 if content_type.endswith("json") else 2)
         assert invalid["error"]["code"] == 400 and invalid["error"]["type"] == "InvalidId"
         assert too_large["error"]["code"] == 413
+        assert malformed["error"]["type"] == "InvalidPayload"
+        assert "state" in malformed["error"]["message"]
     assert (await store.get(AgentId("counter", "a"))).state == {"value": 1}
     assert (await store.get(AgentId("counter", "b"))).version == 3
-    with pytest.raises(StateNotFoundError):
-        await store.get(AgentId("counter", "c"))
+    for never_written in ("c", "d"):
+        with pytest.raises(StateNotFoundError):
+            await store.get(AgentId("counter", never_written))
 
 
 @pytest.mark.parametrize(
@@ -307,11 +325,11 @@ async def test_put_many_answers_each_put_as_put_would(
     [
         b'{"puts": []}',
         orjson.dumps({"puts": [_put("a", {})] * 257}),
-        b'{"puts": [{"agent_type": "counter"}]}',
+        b'{"puts": [5, "a"]}',
         b'{"puts": {"agent_type": "counter", "key": "a", "state": {}}}',
         b"[not json",
     ],
-    ids=["none", "too-many", "incomplete", "not-a-list", "not-json"],
+    ids=["none", "too-many", "not-objects", "not-a-list", "not-json"],
 )
 async def test_a_bad_put_many_is_400_and_writes_nothing(
     nc: NATS, subjects: Subjects, service: StateService, body: bytes

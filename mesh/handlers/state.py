@@ -9,6 +9,8 @@ fewer; every other client comes here.
 
 from __future__ import annotations
 
+from typing import Any
+
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -17,8 +19,10 @@ from mesh._control import model_reply, read_request
 from mesh._lifecycle import Lifecycle
 from mesh._micro import CONTROL_MAX_PAYLOAD, MicroService, Reply, answer_for
 from mesh._state_store import StateStore
-from mesh._wire import error_body
+from mesh._wire import error_body, request_codec
+from mesh.codec import validate
 from mesh.config import StateConfig
+from mesh.errors import DecodeError
 from mesh.ids import AgentId
 from mesh.state import (
     SERVICE,
@@ -27,8 +31,10 @@ from mesh.state import (
     StateGetRequest,
     StateHistoryReply,
     StateHistoryRequest,
+    StatePutBodies,
     StatePutManyReply,
     StatePutManyRequest,
+    StatePutReply,
     StatePutRequest,
 )
 from mesh.subjects import Subjects
@@ -102,14 +108,36 @@ class StateService(Lifecycle):
         return model_reply(msg, result)
 
     async def _put_many(self, msg: Msg) -> Reply:
-        request = read_request(msg, StatePutManyRequest)
-        results = [
-            error_body(answer_for(result, f"{self._service.name}.put_many"))
-            if isinstance(result, Exception)
-            else result
-            for result in await self.store.put_many(request.puts)
-        ]
+        puts: list[StatePutRequest | DecodeError]
+        try:
+            puts = list(read_request(msg, StatePutManyRequest).puts)
+        except DecodeError:  # a put that does not fit is answered 400 on its own
+            puts = self._each_put(msg)
+        saved = iter(await self.store.put_many([p for p in puts if not isinstance(p, Exception)]))
+        results: list[StatePutReply | dict[str, Any]] = []
+        for put in puts:
+            outcome = put if isinstance(put, DecodeError) else next(saved)
+            if isinstance(outcome, Exception):
+                results.append(error_body(answer_for(outcome, f"{self._service.name}.put_many")))
+            else:
+                results.append(outcome)
         return model_reply(msg, StatePutManyReply.model_construct(results=results))
+
+    @staticmethod
+    def _each_put(msg: Msg) -> list[StatePutRequest | DecodeError]:
+        """The puts of a request whose puts are not all valid, each validated on its own.
+
+        Raises:
+            DecodeError: The request is not a list of 1 to 256 objects.
+        """
+        content_type = request_codec(msg.headers).content_type
+        puts: list[StatePutRequest | DecodeError] = []
+        for body in read_request(msg, StatePutBodies).puts:
+            try:
+                puts.append(validate(body, StatePutRequest, content_type))
+            except DecodeError as exc:
+                puts.append(exc)
+        return puts
 
     async def _history(self, msg: Msg) -> Reply:
         request = read_request(msg, StateHistoryRequest)
