@@ -114,11 +114,12 @@ async def history(kv: KeyValue, key: str) -> list[KeyValue.Entry]:
     return await _current(watcher, none=NoKeysError)
 
 
-async def keys(kv: KeyValue) -> list[str]:
-    """The keys that have a value (``kv.keys``)."""
+async def keys(kv: KeyValue, pattern: str = ">") -> list[str]:
+    """The keys matching `pattern` (``*`` one segment, ``>`` the rest) that have a value
+    (``kv.keys``)."""
     watcher = await watch(
         kv,
-        ">",
+        pattern,
         ignore_deletes=True,
         meta_only=True,
         inactive_threshold=READ_ONCE_INACTIVE_THRESHOLD,

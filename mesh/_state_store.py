@@ -258,11 +258,9 @@ class StateStore:
             MeshError: As `put` refuses the request (an invalid id, state not JSON...).
         """
         agent_id = AgentId(put.agent_type, put.key)
-        if put.epoch is not None or put.expected_version is None:
-            return None
         key = Subjects.agent_key(agent_id)
-        known = self._known.get(key)
-        if known is None or known[1] != put.expected_version:
+        known = self._known_position(key, put.expected_version, put.epoch)
+        if known is None:
             return None
         ours, ours_json = self._serialised(agent_id, put.state)
         data, reply = self._next_version(agent_id, ours, ours_json, put.writer, known, False)
@@ -380,9 +378,8 @@ class StateStore:
         """Save `ours` (`ours_json`: its canonical JSON) after `expected`, as `policy`
         says when another version is there."""
         key = Subjects.agent_key(agent_id)
-        known = self._known.get(key)
-        if known is not None and expected == known[1] and epoch is None:
-            # The common case: the writer expects what this process saw last.
+        known = self._known_position(key, expected, epoch)
+        if known is not None:  # the common case: the writer expects what we saw last
             data, reply = self._next_version(agent_id, ours, ours_json, writer, known, False)
             try:
                 return await self._store(key, data, reply, known)
@@ -561,6 +558,17 @@ class StateStore:
             except StateCorruptError as exc:
                 logger.error("%s", exc)
         return kept
+
+    def _known_position(
+        self, key: str, expected: int | None, epoch: int | None
+    ) -> tuple[int, int] | None:
+        """(revision, version) of `key` as this process saw it last, when a write
+        expecting version `expected` can try that revision first: unfenced writes only
+        (a fenced one reads what is saved, to see its epoch)."""
+        known = self._known.get(key)
+        if known is None or expected != known[1] or epoch is not None:
+            return None
+        return known
 
     def _remember(self, key: str, revision: int, version: int) -> None:
         self._known[key] = (revision, version)

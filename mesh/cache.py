@@ -31,7 +31,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from mesh._connect import on_reconnect
 from mesh._kv import BucketConfig, KvMirror, MirroredEntry, ensure_bucket, put_with_ttl
-from mesh._kv_watch import READ_ONCE_INACTIVE_THRESHOLD, watch
+from mesh._kv_watch import keys as kv_keys
 from mesh._lifecycle import Lifecycle
 from mesh.errors import NoWorkerAvailableError
 from mesh.subjects import Subjects
@@ -164,21 +164,7 @@ class Cache(Lifecycle):
         """Remove every entry whose key matches `pattern` (``*`` one segment, ``>`` the
         rest); return how many there were."""
         kv = self._bucket()
-        watcher = await watch(
-            kv,
-            Subjects.cache_pattern(self.namespace, pattern),
-            meta_only=True,
-            ignore_deletes=True,
-            inactive_threshold=READ_ONCE_INACTIVE_THRESHOLD,
-        )
-        keys: list[str] = []
-        try:
-            async for entry in watcher:
-                if entry is None:
-                    break
-                keys.append(entry.key)
-        finally:
-            await watcher.stop()  # type: ignore[no-untyped-call]
+        keys = await kv_keys(kv, Subjects.cache_pattern(self.namespace, pattern))
         for full in keys:
             self._near.pop(full, None)
             await kv.purge(full)
