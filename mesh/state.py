@@ -16,10 +16,12 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
+import orjson
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel, Field
 
@@ -32,6 +34,10 @@ from mesh.records import utcnow
 from mesh.subjects import Subjects
 
 SERVICE = "state"
+
+#: orjson options under which it writes only what pydantic would write the same way, and
+#: refuses the rest (`TypeError`).
+_PLAIN_JSON_ONLY = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -149,6 +155,33 @@ class StateAccess(Protocol):
     ) -> StatePutReply: ...
 
 
+def put_request_body(
+    agent_id: AgentId,
+    state: Mapping[str, Any],
+    *,
+    expected_version: int | None,
+    policy: ConflictPolicy,
+    writer: str | None,
+    epoch: int | None,
+) -> bytes:
+    """The JSON body of a ``mesh.state.put`` request: byte for byte what
+    `StatePutRequest` encodes to, written by orjson when the state is a dict of JSON's
+    own types (the usual case, at a fraction of the cost), by pydantic otherwise."""
+    fields = {
+        "agent_type": agent_id.type,
+        "key": agent_id.key,
+        "state": state,
+        "expected_version": expected_version,
+        "policy": policy,
+        "writer": writer,
+        "epoch": epoch,
+    }
+    if type(state) is dict:
+        with contextlib.suppress(TypeError):  # a datetime, a set, a 65-bit integer...
+            return orjson.dumps(fields, option=_PLAIN_JSON_ONLY)
+    return encode(StatePutRequest.model_validate({**fields, "state": dict(state)}))
+
+
 class StateClient:
     """Reads and writes agents' state through the state service.
 
@@ -210,16 +243,15 @@ class StateClient:
             PayloadTooLargeError: The state is over the service's limit, or the request
                 over the connection's.
         """
-        request = StatePutRequest(
-            agent_type=agent_id.type,
-            key=agent_id.key,
-            state=dict(state),
+        body = put_request_body(
+            agent_id,
+            state,
             expected_version=expected_version,
             policy=policy,
             writer=writer,
             epoch=epoch,
         )
-        return await self._puts.request(encode(request))
+        return await self._puts.request(body)
 
     async def history(self, agent_id: AgentId) -> list[StateVersion]:
         """The versions kept, oldest first; empty when nothing is saved."""

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any
 
 import msgpack
 import nats
 import orjson
 import pytest
 from nats.aio.client import Client as NATS
+from pydantic import ValidationError
 
 from mesh import AgentId
 from mesh._connect import connect
 from mesh._connection import Connection
+from mesh.codec import encode
 from mesh.config import ConnectConfig, StateConfig
 from mesh.errors import (
     ConflictError,
@@ -23,7 +28,7 @@ from mesh.errors import (
     StateNotFoundError,
 )
 from mesh.handlers.state import StateService
-from mesh.state import StateClient, StatePutReply
+from mesh.state import StateClient, StatePutReply, StatePutRequest, put_request_body
 from mesh.subjects import Subjects
 from mesh.testing import eventually
 from tests.helpers import assert_error
@@ -378,3 +383,32 @@ async def test_puts_made_together_without_a_service_each_fail_on_their_own(
     )
     assert all(isinstance(o, NoWorkerAvailableError) for o in outcomes), outcomes
     assert len({id(o) for o in outcomes}) == 3  # one error each, not one shared
+
+
+@pytest.mark.parametrize(
+    "state",
+    [
+        {"count": 1, "note": "ünïcode ✓", "nested": {"list": [1, 2.5, None, True]}},
+        {"at": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)},  # pydantic's form: ...Z
+        {"tags": {"b", "a"}},  # pydantic writes a set as a list
+        {"huge": 2**70},  # past orjson's 64 bits
+        MappingProxyType({"count": 2}),  # a mapping that is not a dict
+    ],
+)
+def test_a_put_request_body_is_what_the_request_model_encodes(state: dict[str, Any]) -> None:
+    fields: dict[str, Any] = {"expected_version": 3, "policy": "merge", "writer": "w", "epoch": 2}
+    body = put_request_body(COUNTER, state, **fields)
+    model = StatePutRequest(agent_type="counter", key="a", state=dict(state), **fields)
+    assert body == encode(model)
+
+
+def test_a_put_request_body_refuses_what_the_request_model_refuses() -> None:
+    with pytest.raises(ValidationError):
+        put_request_body(
+            COUNTER,
+            {1: "a key not a string"},
+            expected_version=None,
+            policy="reject",
+            writer=None,
+            epoch=None,
+        )
