@@ -9,7 +9,10 @@ answer, as if it had been sent alone.
 
 A request alone in its iteration goes to the plain endpoint: nothing ever waits for
 company. A batch holds at most `max_batch` requests and `MAX_BATCH_BYTES` of them; a
-request larger than `MAX_BATCHED_BYTES` always goes alone.
+request larger than `MAX_BATCHED_BYTES` always goes alone. When nobody serves the batch
+form, each request of the batch is sent alone; if the plain endpoint answers (a service
+of a version before the batch form), so is every request for the next
+`BATCH_FORM_RETRY_AFTER` seconds.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import orjson
 from nats.aio.client import Client as NATS
 from pydantic import BaseModel
 
-from mesh._control import json_request
+from mesh._control import NoResponderError, json_request
 from mesh._wire import error_from_body
 from mesh.errors import MeshError
 
@@ -34,6 +37,9 @@ M = TypeVar("M", bound=BaseModel)
 MAX_BATCH_BYTES = 192 * 1024
 #: Larger requests are sent alone.
 MAX_BATCHED_BYTES = 16 * 1024
+#: Seconds requests go alone once the plain endpoint answered and its batch form had no
+#: responder, before the batch form is tried again.
+BATCH_FORM_RETRY_AFTER = 10.0
 
 
 @dataclass(slots=True)
@@ -80,6 +86,7 @@ class BatchedRequests(Generic[M]):
         self._timeout = timeout
         self._open: _Batch[M] | None = None
         self._sending: set[asyncio.Task[None]] = set()
+        self._batch_form_missing_until = 0.0  # loop time
 
     async def request(self, body: bytes) -> M:
         """The endpoint's answer to the request whose JSON body is `body`.
@@ -127,10 +134,7 @@ class BatchedRequests(Generic[M]):
             batch.bodies, batch.waiting = [body for body, _ in kept], [f for _, f in kept]
         results: list[M | MeshError]
         try:
-            if len(batch.bodies) == 1:
-                results = [await self._alone(batch.bodies[0])]
-            else:
-                results = await self._together(batch.bodies)
+            results = await self._answers(batch.bodies)
         except MeshError as exc:
             results = [copy.copy(exc) for _ in batch.waiting]
         except BaseException as exc:  # cancelled with the loop, or a bug: nobody hangs
@@ -145,6 +149,34 @@ class BatchedRequests(Generic[M]):
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    async def _answers(self, bodies: list[bytes]) -> list[M | MeshError]:
+        """The answers to `bodies`: in one batch, or each alone (see the module).
+
+        Raises:
+            MeshError: The one request carrying them all failed.
+        """
+        loop = asyncio.get_running_loop()
+        unserved = False
+        if len(bodies) > 1 and loop.time() >= self._batch_form_missing_until:
+            try:
+                return await self._together(bodies)
+            except NoResponderError:
+                unserved = True
+        if len(bodies) == 1:
+            return [await self._alone(bodies[0])]
+        results: list[M | MeshError] = []
+        for answer in await asyncio.gather(*map(self._alone, bodies), return_exceptions=True):
+            if isinstance(answer, MeshError):
+                results.append(answer)
+            elif isinstance(answer, BaseException):
+                raise answer  # cancelled, or a bug: `_send` fails every caller
+            else:
+                results.append(answer)
+        if unserved and not all(isinstance(r, NoResponderError) for r in results):
+            # The plain endpoint is served, its batch form is not: an older service.
+            self._batch_form_missing_until = loop.time() + BATCH_FORM_RETRY_AFTER
+        return results
 
     async def _together(self, bodies: list[bytes]) -> list[M | MeshError]:
         payload = self._batch_open + b",".join(bodies) + b"]}"

@@ -18,6 +18,10 @@ from mesh.errors import DeadlineExceededError, NoWorkerAvailableError, PayloadTo
 M = TypeVar("M", bound=BaseModel)
 
 
+class NoResponderError(NoWorkerAvailableError):
+    """Nobody subscribes the subject: NATS answered "no responders" (503)."""
+
+
 def read_request(msg: Msg, model: type[M]) -> M:
     """The request body as `model`; `DecodeError` (400) when it does not fit."""
     return decode(msg.data, model, request_codec(msg.headers))
@@ -59,12 +63,12 @@ async def json_request(nc: NATS, subject: str, payload: bytes, *, timeout: float
     """Request `subject` with a JSON `payload`; the body of its successful reply.
 
     Raises:
-        As `control_request`.
+        As `control_request`; `NoResponderError` when nobody serves `subject`.
     """
     try:
         reply = await nc.request(subject, payload, timeout=timeout, headers={CONTENT_TYPE: JSON})
     except NoRespondersError:
-        raise NoWorkerAvailableError(f"no service answers on {subject}") from None
+        raise NoResponderError(f"no service answers on {subject}") from None
     except MaxPayloadError as exc:
         raise PayloadTooLargeError(f"the request to {subject} is too large: {exc}") from None
     except (TimeoutError, NatsTimeoutError):

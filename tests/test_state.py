@@ -412,3 +412,33 @@ def test_a_put_request_body_refuses_what_the_request_model_refuses() -> None:
             writer=None,
             epoch=None,
         )
+
+
+async def test_puts_made_together_go_alone_to_a_service_without_put_many(
+    nc: NATS, subjects: Subjects, service: StateService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client of this version against a state service of a version before put_many:
+    every put is still saved, and once the service is seen to lack put_many, puts stop
+    trying it for a while."""
+    (put_many,) = [e for e in service._service._endpoints if e.name == "put_many"]
+    await put_many.stop_taking_work()  # as if the service came before put_many
+    await nc.flush()
+    requested: list[str] = []
+    request = nc.request
+    ops = {subjects.service("state", op): op for op in ("put", "put_many")}
+
+    async def recording(subject: str, *args: Any, **kwargs: Any) -> Any:
+        if subject in ops:
+            requested.append(ops[subject])
+        return await request(subject, *args, **kwargs)
+
+    monkeypatch.setattr(nc, "request", recording)
+    store = StateClient(nc, subjects)
+    agents = [AgentId("counter", f"k{n}") for n in range(5)]
+    saved = await asyncio.gather(*(store.put(agent, {"n": 1}) for agent in agents))
+    assert [s.version for s in saved] == [1] * 5
+    assert sorted(requested) == ["put"] * 5 + ["put_many"]
+    requested.clear()
+    again = await asyncio.gather(*(store.put(a, {"n": 2}, expected_version=1) for a in agents))
+    assert [s.version for s in again] == [2] * 5
+    assert requested == ["put"] * 5
