@@ -274,16 +274,23 @@ class StateConfig:
             a write expecting the version it last wrote needs no read first.
         write_timeout: Seconds a write keeps trying while JetStream does not acknowledge
             it (a stream leader change takes 5-7 s after a node dies).
+        max_puts_in_flight: Puts one state service holds at once, each put of a
+            ``put_many`` counted; a request that would go beyond is answered 503 at once.
     """
 
     history: int = 16
     max_state_bytes: int = 1_000_000
     known_revisions: int = 100_000
     write_timeout: float = 10.0
+    max_puts_in_flight: int = 10_000
 
     def __post_init__(self) -> None:
         if not 1 <= self.history <= 64:
             raise BadRequestError(f"state history must be 1 to 64 versions, not {self.history}")
+        if self.max_puts_in_flight < 1:
+            raise BadRequestError(
+                f"the state service must take at least 1 put at once, not {self.max_puts_in_flight}"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> StateConfig:
@@ -293,6 +300,9 @@ class StateConfig:
             max_state_bytes=_int(env, "MESH_STATE_MAX_BYTES", default.max_state_bytes),
             known_revisions=_int(env, "MESH_STATE_KNOWN_REVISIONS", default.known_revisions),
             write_timeout=_float(env, "MESH_STATE_WRITE_TIMEOUT", default.write_timeout),
+            max_puts_in_flight=_int(
+                env, "MESH_STATE_MAX_PUTS_IN_FLIGHT", default.max_puts_in_flight
+            ),
         )
 
 

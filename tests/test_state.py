@@ -21,6 +21,7 @@ from mesh._connection import Connection
 from mesh.codec import encode
 from mesh.config import ConnectConfig, StateConfig
 from mesh.errors import (
+    BadRequestError,
     ConflictError,
     NoWorkerAvailableError,
     PayloadTooLargeError,
@@ -442,3 +443,43 @@ async def test_puts_made_together_go_alone_to_a_service_without_put_many(
     again = await asyncio.gather(*(store.put(a, {"n": 2}, expected_version=1) for a in agents))
     assert [s.version for s in again] == [2] * 5
     assert requested == ["put"] * 5
+
+
+async def test_puts_beyond_the_limit_in_flight_get_503_and_write_nothing(
+    nc: NATS, subjects: Subjects
+) -> None:
+    """Each put of a put_many counts against the service's limit of puts in flight."""
+
+    def put(n: int) -> dict[str, Any]:
+        return {"agent_type": "counter", "key": f"k{n}", "state": {}}
+
+    async def versions(op: str, body: object) -> list[int]:
+        reply = await _request(nc, subjects, op, orjson.dumps(body))
+        answer = orjson.loads(reply.data)  # type: ignore[attr-defined]
+        return (
+            [r["version"] for r in answer["results"]] if op == "put_many" else [answer["version"]]
+        )
+
+    async with StateService(nc, subjects, StateConfig(max_puts_in_flight=4)) as service:
+        with service._holding_puts(2):  # two puts of other requests, still unanswered
+            body = orjson.dumps({"puts": [put(n) for n in range(3)]})
+            refused = await _request(nc, subjects, "put_many", body)
+            assert_error(refused, 503, "Unavailable")  # type: ignore[arg-type]
+            assert await StateClient(nc, subjects).history(AgentId("counter", "k0")) == []
+            assert await versions("put", put(0)) == [1]
+            assert await versions("put_many", {"puts": [put(0), put(1)]}) == [2, 1]
+        # With nothing else in flight, a request is taken whatever its size.
+        six = await versions("put_many", {"puts": [put(n) for n in range(6)]})
+        assert six == [3, 2, 1, 1, 1, 1]
+
+
+def test_the_state_services_settings_come_from_the_environment() -> None:
+    config = StateConfig.from_env(
+        {"MESH_STATE_MAX_PUTS_IN_FLIGHT": "64", "MESH_STATE_HISTORY": "5"}
+    )
+    assert (config.max_puts_in_flight, config.history) == (64, 5)
+    assert StateConfig.from_env({}).max_puts_in_flight == 10_000
+    with pytest.raises(BadRequestError, match="at least 1 put"):
+        StateConfig(max_puts_in_flight=0)
+    with pytest.raises(BadRequestError, match="1 to 64"):
+        StateConfig(history=65)

@@ -9,6 +9,8 @@ fewer; every other client comes here.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -22,7 +24,7 @@ from mesh._state_store import StateStore
 from mesh._wire import error_body, request_codec
 from mesh.codec import validate
 from mesh.config import StateConfig
-from mesh.errors import DecodeError
+from mesh.errors import DecodeError, NoWorkerAvailableError
 from mesh.ids import AgentId
 from mesh.state import (
     SERVICE,
@@ -55,6 +57,8 @@ class StateService(Lifecycle):
         self._nc = nc
         self._subjects = subjects or Subjects()
         config = config or StateConfig()
+        self._max_puts_in_flight = config.max_puts_in_flight
+        self._puts_in_flight = 0
         self.store = StateStore(nc.jetstream(), self._subjects, config)
         self._service = MicroService(
             nc,
@@ -102,7 +106,8 @@ class StateService(Lifecycle):
 
     async def _put(self, msg: Msg) -> Reply:
         request = read_request(msg, StatePutRequest)
-        (result,) = await self.store.put_many([request])
+        with self._holding_puts(1):
+            (result,) = await self.store.put_many([request])
         if isinstance(result, Exception):
             raise result
         return model_reply(msg, result)
@@ -113,7 +118,9 @@ class StateService(Lifecycle):
             puts = list(read_request(msg, StatePutManyRequest).puts)
         except DecodeError:  # a put that does not fit is answered 400 on its own
             puts = self._each_put(msg)
-        saved = iter(await self.store.put_many([p for p in puts if not isinstance(p, Exception)]))
+        valid = [p for p in puts if not isinstance(p, Exception)]
+        with self._holding_puts(len(valid)):
+            saved = iter(await self.store.put_many(valid))
         results: list[StatePutReply | dict[str, Any]] = []
         for put in puts:
             outcome = put if isinstance(put, DecodeError) else next(saved)
@@ -122,6 +129,27 @@ class StateService(Lifecycle):
             else:
                 results.append(outcome)
         return model_reply(msg, StatePutManyReply.model_construct(results=results))
+
+    @contextlib.contextmanager
+    def _holding_puts(self, count: int) -> Iterator[None]:
+        """Count `count` puts in flight for the block. A request is taken whatever its
+        size when no other puts are in flight, so that any batch can go through.
+
+        Raises:
+            NoWorkerAvailableError: They would take the service beyond its limit (503:
+                nothing is written, the caller may try again).
+        """
+        limit = self._max_puts_in_flight
+        if self._puts_in_flight and self._puts_in_flight + count > limit:
+            raise NoWorkerAvailableError(
+                f"{self._service.name} holds {self._puts_in_flight} puts; {count} more would"
+                f" go beyond its limit of {limit} in flight"
+            )
+        self._puts_in_flight += count
+        try:
+            yield
+        finally:
+            self._puts_in_flight -= count
 
     @staticmethod
     def _each_put(msg: Msg) -> list[StatePutRequest | DecodeError]:
