@@ -111,7 +111,10 @@ async def history(kv: KeyValue, key: str) -> list[KeyValue.Entry]:
     watcher = await watch(
         kv, key, include_history=True, inactive_threshold=READ_ONCE_INACTIVE_THRESHOLD
     )
-    return await _current(watcher, none=NoKeysError)
+    entries = await _current(watcher)
+    if not entries:
+        raise NoKeysError
+    return entries
 
 
 async def keys(kv: KeyValue, pattern: str = ">") -> list[str]:
@@ -128,9 +131,7 @@ async def keys(kv: KeyValue, pattern: str = ">") -> list[str]:
     return [entry.key for entry in entries]
 
 
-async def _current(
-    watcher: KeyValue.KeyWatcher, none: type[Exception] | None = None
-) -> list[KeyValue.Entry]:
+async def _current(watcher: KeyValue.KeyWatcher) -> list[KeyValue.Entry]:
     """What `watcher` gives before its end-of-values mark; then it is stopped."""
     entries: list[KeyValue.Entry] = []
     try:
@@ -140,6 +141,4 @@ async def _current(
             entries.append(entry)
     finally:
         await watcher.stop()  # type: ignore[no-untyped-call]
-    if not entries and none is not None:
-        raise none
     return entries

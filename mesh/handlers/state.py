@@ -118,7 +118,7 @@ class StateService(Lifecycle):
             puts = list(read_request(msg, StatePutManyRequest).puts)
         except DecodeError:  # a put that does not fit is answered 400 on its own
             puts = self._each_put(msg)
-        valid = [p for p in puts if not isinstance(p, Exception)]
+        valid = [p for p in puts if not isinstance(p, DecodeError)]
         with self._holding_puts(len(valid)):
             saved = iter(await self.store.put_many(valid))
         results: list[StatePutReply | dict[str, Any]] = []
