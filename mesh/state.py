@@ -166,7 +166,9 @@ def put_request_body(
 ) -> bytes:
     """The JSON body of a ``mesh.state.put`` request: byte for byte what
     `StatePutRequest` encodes to, written by orjson when the state is a dict of JSON's
-    own types (the usual case, at a fraction of the cost), by pydantic otherwise."""
+    own types (the usual case, at a fraction of the cost), by pydantic otherwise. The
+    other fields are not checked here: a value the model refuses (a negative expected
+    version, an unknown policy) is refused by the service, 400 ``InvalidPayload``."""
     fields = {
         "agent_type": agent_id.type,
         "key": agent_id.key,

@@ -23,6 +23,7 @@ from mesh.config import ConnectConfig, StateConfig
 from mesh.errors import (
     BadRequestError,
     ConflictError,
+    DecodeError,
     NoWorkerAvailableError,
     PayloadTooLargeError,
     StateCorruptError,
@@ -483,3 +484,21 @@ def test_the_state_services_settings_come_from_the_environment() -> None:
         StateConfig(max_puts_in_flight=0)
     with pytest.raises(BadRequestError, match="1 to 64"):
         StateConfig(history=65)
+
+
+@pytest.mark.parametrize(
+    "fields", [{"expected_version": -1}, {"policy": "sometimes"}, {"epoch": 0}]
+)
+async def test_a_put_the_request_model_refuses_is_400_alone_or_together(
+    store: StateClient, fields: dict[str, Any]
+) -> None:
+    alone = AgentId("counter", "alone")
+    with pytest.raises(DecodeError) as refused:
+        await store.put(alone, {"n": 1}, **fields)
+    assert (refused.value.code, refused.value.wire_type) == (400, "InvalidPayload")
+    bad, good = await asyncio.gather(
+        store.put(COUNTER, {"n": 1}, **fields), store.put(alone, {"n": 1}), return_exceptions=True
+    )
+    assert isinstance(bad, DecodeError) and bad.code == 400, bad
+    assert isinstance(good, StatePutReply) and good.version == 1
+    assert await store.history(COUNTER) == []
